@@ -467,11 +467,12 @@ def test_a_failed_compile_leaves_the_model_and_the_optimizer_as_they_were(model)
                                        r"compute a weighted accuracy from predict"),
     ("loss_weights", [1.0], "one output and one loss"),
     ("loss_weights", {"out": 1.0}, "one output and one loss"),
-    ("run_eagerly", True, r"compile\(cuda_graphs=False\) never does"),
+    ("run_eagerly", "yes", r"False or True: .*True is compile\(cuda_graphs=False\), which "
+                           "never does"),
     ("steps_per_execution", 8, r"xpcnn runs one step a call; compile\(cuda_graphs=None\)"),
     ("steps_per_execution", True, "runs one step a call"),  # (True is no 1)
     ("jit_compile", True, r"xpcnn compiles no XLA .* CUDA graph"),
-    ("auto_scale_loss", False, r"precision='mixed_float16'\) always scales the loss"),
+    ("auto_scale_loss", False, r"precision='mixed_float16'\) always scales the loss"),  # (there)
 ])
 def test_keras_compile_keywords_are_taken_at_their_defaults_and_refused_otherwise(
         model, key, value, message):
@@ -479,10 +480,12 @@ def test_keras_compile_keywords_are_taken_at_their_defaults_and_refused_otherwis
     otherwise, naming what to do instead (was: TypeError: compile() got an unexpected keyword
     argument), and a refused one leaves the model uncompiled."""
     other = xpcnn.Sequential(four_class_net(), seed=1)
+    # (auto_scale_loss=False is refused where a loss is scaled: mixed_float16)
+    scaled = {"precision": "mixed_float16"} if key == "auto_scale_loss" else {}
     with pytest.raises(InputError, match=rf"^compile\({key}={re.escape(repr(value))}\): Keras' "
                                          rf"keyword, which xpcnn's compile takes only as .*"
                                          rf"{message}"):
-        other.compile(optimizer=optim.SGD(0.1), **{key: value})
+        other.compile(optimizer=optim.SGD(0.1), **{key: value}, **scaled)
     assert other.optimizer is None and other.loss is None
     model.compile(optimizer=optim.SGD(0.1), loss_weights=None, weighted_metrics=None,
                   run_eagerly=False, steps_per_execution=1, jit_compile="auto",
@@ -491,6 +494,25 @@ def test_keras_compile_keywords_are_taken_at_their_defaults_and_refused_otherwis
     assert model.metrics_names == ("loss", "accuracy")
     model.fit(X, Y, verbose=0)
     assert model.optimizer.iterations == 1
+
+
+def test_keras_compile_values_that_are_xpcnns_behaviour_are_taken(model):
+    """Keras' run_eagerly=True is cuda_graphs=False (every step runs its Python), and
+    auto_scale_loss=False is taken where no loss is scaled (was: both refused, though xpcnn
+    does what they ask); run_eagerly=True beside cuda_graphs=True asks opposite things."""
+    model.compile(optimizer=optim.SGD(0.1), run_eagerly=True)
+    assert model.cuda_graphs is False
+    model.fit(X, Y, verbose=0)
+    for precision in ("float32", "mixed_bfloat16"):
+        model.compile(optimizer=optim.SGD(0.1), precision=precision, auto_scale_loss=False)
+        assert model.precision == precision
+    other = xpcnn.Sequential(four_class_net(), seed=1)
+    with pytest.raises(InputError, match=r"^compile\(run_eagerly=True, cuda_graphs=True\): "
+                                         r"Keras' run_eagerly=True runs every step's Python, "
+                                         r"which a CUDA graph's replay does not; give one of "
+                                         r"them$"):
+        other.compile(optimizer=optim.SGD(0.1), run_eagerly=True, cuda_graphs=True)
+    assert other.optimizer is None and other.loss is None
 
 
 def test_validation_steps_with_validation_arrays_is_refused_as_steps_is(model):

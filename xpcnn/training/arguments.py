@@ -21,8 +21,9 @@ from ..errors import InputError, warn
 
 _GRAPHS = ("compile(cuda_graphs=None), the default, captures each training step on CuPy in a "
            "CUDA graph and replays it, xpcnn's way to cut a step's launch cost")
-#: Keras 3's compile keywords that xpcnn's compile takes only at their Keras default, xpcnn's
-#: behaviour (spelled out: taken): (the values taken, what to do instead of another value).
+#: Keras 3's compile keywords that xpcnn's compile takes only at values that are xpcnn's
+#: behaviour (their Keras default spelled out, run_eagerly=True: cuda_graphs=False):
+#: (the values taken, what to do instead of another value).
 KERAS_COMPILE: dict[str, tuple[tuple[Any, ...], str]] = {
     "loss_weights": ((None,), "an xpcnn model has one output and one loss, so there is no "
                               "other loss to weigh it against; to scale it, weigh its samples "
@@ -31,15 +32,15 @@ KERAS_COMPILE: dict[str, tuple[tuple[Any, ...], str]] = {
                                      "weighted_metrics): sample_weight weighs the loss alone; "
                                      "compute a weighted accuracy from predict (in a callback, "
                                      "on_epoch_end)"),
-    "run_eagerly": ((False,), "xpcnn has no compiled step function to leave: each step runs "
-                              "its Python (a print or breakpoint in a layer runs every step) "
-                              "except where a CUDA graph replays it; compile(cuda_graphs=False) "
-                              "never does"),
+    "run_eagerly": ((False, True), "xpcnn has no compiled step function to leave: each step "
+                                   "runs its Python (a print or breakpoint in a layer runs "
+                                   "every step) except where a CUDA graph replays it; True is "
+                                   "compile(cuda_graphs=False), which never does"),
     "steps_per_execution": ((1,), "xpcnn runs one step a call; " + _GRAPHS),
     "jit_compile": (("auto", False), "xpcnn compiles no XLA (nor torch.compile); " + _GRAPHS),
     "auto_scale_loss": ((True,), "compile(precision='mixed_float16') always scales the loss, "
                                  "dynamically (model.loss_scale); 'mixed_bfloat16' and "
-                                 "'float32' need no scaling"),
+                                 "'float32' need no scaling (False is taken there)"),
 }
 
 

@@ -296,7 +296,9 @@ class Trainer(TrainingStep):
         ``weighted_metrics=None``, ``run_eagerly=False``, ``steps_per_execution=1``,
         ``jit_compile="auto"`` or False, ``auto_scale_loss=True``: xpcnn's behaviour) and
         refused otherwise, naming what to do instead
-        (:data:`~xpcnn.training.arguments.KERAS_COMPILE`).
+        (:data:`~xpcnn.training.arguments.KERAS_COMPILE`); where another value is xpcnn's
+        behaviour too, it is taken: ``run_eagerly=True`` is ``cuda_graphs=False`` (every step
+        runs its Python), ``auto_scale_loss=False`` a precision that scales no loss.
 
         ``metrics``: ``["accuracy"]`` (the default), ``["acc"]``,
         ``"sparse_top_k_categorical_accuracy"``, ``"top_k_categorical_accuracy"`` (k = 5),
@@ -325,12 +327,21 @@ class Trainer(TrainingStep):
         """
         # Every argument is checked before anything changes: a failed compile leaves the
         # model (and the optimizer, which it would bind) as they were.
+        # (False where no loss is scaled: what it asks, taken)
+        unscaled = auto_scale_loss is False and precision != "mixed_float16"
         check_keras_compile({"loss_weights": loss_weights, "weighted_metrics": weighted_metrics,
                              "run_eagerly": run_eagerly,
                              "steps_per_execution": steps_per_execution,
-                             "jit_compile": jit_compile, "auto_scale_loss": auto_scale_loss})
+                             "jit_compile": jit_compile,
+                             "auto_scale_loss": True if unscaled else auto_scale_loss})
         if cuda_graphs is not None and not isinstance(cuda_graphs, bool):
             raise InputError(f"cuda_graphs must be True, False or None, got {cuda_graphs!r}")
+        if run_eagerly:  # (Keras' eager steps: each runs its Python, no graph replays it)
+            if cuda_graphs:
+                raise InputError("compile(run_eagerly=True, cuda_graphs=True): Keras' "
+                                 "run_eagerly=True runs every step's Python, which a CUDA "
+                                 "graph's replay does not; give one of them")
+            cuda_graphs = False
         loss, optimizer = get_loss(loss), get_optimizer(optimizer)
         # (each once, as given: the logs' keys; None is Keras' none)
         resolved = metric_settings.get_metrics(metrics)
