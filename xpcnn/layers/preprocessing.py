@@ -15,7 +15,7 @@ from typing import Any
 import array_api_compat
 import numpy as np
 
-from ..backend import dtype_name, get_backend
+from ..backend import get_backend
 from ..checks import flag, number, positive_int, real_floating, real_numbers
 from ..errors import InputError
 from ..ops.kernels import kernels_for
@@ -225,10 +225,6 @@ class Normalization(Layer):
         self._shift = self.backend.asarray(shift, dtype=self.dtype)
         self._scale = self.backend.asarray(scale, dtype=self.dtype)
         return input_shape
-
-    def _host_dtype(self) -> np.dtype:
-        """The NumPy dtype of the layer's dtype (float32 or float64)."""
-        return np.dtype(dtype_name(self.dtype))
 
     def _derive(self) -> None:
         """An adapted layer's shift (its ``mean`` weight itself) and scale, 1 / sqrt of its
