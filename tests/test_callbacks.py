@@ -442,13 +442,17 @@ def test_verbose_2_of_one_epoch_and_of_an_epoch_stopped_early(data, capsys):
 # -- EarlyStopping ---------------------------------------------------------------------------------
 
 
-def test_early_stopping_restores_the_best_weights(data):
+def test_early_stopping_restores_the_best_weights(data, capsys):
     script = Scripted([3.0, 1.0, 2.0, 2.5, 0.5, 0.1])
-    stop = EarlyStopping("score", mode="min", patience=2, restore_best_weights=True)
+    stop = EarlyStopping("score", mode="min", patience=2, restore_best_weights=True, verbose=1)
     model = small_model()
     history = model.fit(*data, epochs=6, batch_size=BATCH, verbose=0, callbacks=[script, stop])
     # best at epoch 1; epochs 2 and 3 do not improve: patience 2 is used up at epoch 3
     assert history.epoch == [0, 1, 2, 3] and stop.stopped_epoch == 3 and stop.best_epoch == 1
+    # (verbose: the stop and the restore said, epochs 1-based as Keras prints them)
+    assert capsys.readouterr().out.splitlines() == [
+        "early stopping at epoch 4: score has not improved since epoch 2",
+        "restoring the weights of the best epoch, 2 (score 1)"]
     assert same_weights(model.get_weights(), script.weights[1])
     assert not same_weights(script.weights[3], script.weights[1])
 

@@ -851,6 +851,9 @@ class EarlyStopping(_Monitor):
             say_on_root(f"early stopping at epoch {self.stopped_epoch + 1}: {self.monitor} has not "
                  f"improved since epoch {self.best_epoch + 1}")
         if self.restore_best_weights and self.best_weights is not None:
+            if self.verbose:
+                best = "" if self.best is None else f" ({self.monitor} {self.best:.6g})"
+                say_on_root(f"restoring the weights of the best epoch, {self.best_epoch + 1}{best}")
             self.model.set_weights(self.best_weights)
 
     def get_state(self) -> dict[str, Any]:
