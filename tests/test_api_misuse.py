@@ -465,7 +465,7 @@ def test_a_failed_compile_leaves_the_model_and_the_optimizer_as_they_were(model)
 @pytest.mark.parametrize("key, value, message", [
     ("weighted_metrics", ["accuracy"], r"None or \[\]: xpcnn's metrics are never weighted .* "
                                        r"compute a weighted accuracy from predict"),
-    ("loss_weights", [1.0], "one output and one loss"),
+    ("loss_weights", [2.0], "one output and one loss"),
     ("loss_weights", {"out": 1.0}, "one output and one loss"),
     ("run_eagerly", "yes", r"False or True: .*True is compile\(cuda_graphs=False\), which "
                            "never does"),
@@ -490,7 +490,8 @@ def test_keras_compile_keywords_are_taken_at_their_defaults_and_refused_otherwis
     model.compile(optimizer=optim.SGD(0.1), loss_weights=None, weighted_metrics=None,
                   run_eagerly=False, steps_per_execution=1, jit_compile="auto",
                   auto_scale_loss=True)
-    model.compile(optimizer=optim.SGD(0.1), weighted_metrics=[], jit_compile=False)
+    model.compile(optimizer=optim.SGD(0.1), weighted_metrics=[], jit_compile=False,
+                  loss_weights=[1.0])  # (one loss weighed 1: the loss as it is)
     assert model.metrics_names == ("loss", "accuracy")
     model.fit(X, Y, verbose=0)
     assert model.optimizer.iterations == 1

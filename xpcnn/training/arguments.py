@@ -25,9 +25,9 @@ _GRAPHS = ("compile(cuda_graphs=None), the default, captures each training step 
 #: behaviour (their Keras default spelled out, run_eagerly=True: cuda_graphs=False):
 #: (the values taken, what to do instead of another value).
 KERAS_COMPILE: dict[str, tuple[tuple[Any, ...], str]] = {
-    "loss_weights": ((None,), "an xpcnn model has one output and one loss, so there is no "
-                              "other loss to weigh it against; to scale it, weigh its samples "
-                              "(fit's sample_weight=np.full(len(x), w))"),
+    "loss_weights": ((None, (1.0,)), "an xpcnn model has one output and one loss, so there "
+                                     "is no other loss to weigh it against; to scale it, weigh "
+                                     "its samples (fit's sample_weight=np.full(len(x), w))"),
     "weighted_metrics": ((None, ()), "xpcnn's metrics are never weighted (Keras' metrics, not "
                                      "weighted_metrics): sample_weight weighs the loss alone; "
                                      "compute a weighted accuracy from predict (in a callback, "
