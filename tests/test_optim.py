@@ -1371,10 +1371,79 @@ def test_a_setting_set_as_a_numpy_scalar_is_kept_as_the_constructor_keeps_it(tmp
 
 def test_cosine_decays_third_argument_is_keyword_only_as_it_is_no_keras_alpha():
     """Keras' CosineDecay(lr, decay_steps, alpha) takes a fraction of lr third; xpcnn's min_lr
-    is a rate: positional, CosineDecay(0.5, 10, 0.2) silently ended at 0.2, Keras' at 0.1."""
-    with pytest.raises(TypeError):
+    is a rate: positional, CosineDecay(0.5, 10, 0.2) silently ended at 0.2, Keras' at 0.1.
+    Refused by name, saying what instead (was Python's TypeError: 3 positional arguments)."""
+    alpha = r"Keras' alpha is a fraction of lr, xpcnn's min_lr a rate: CosineDecay\(lr, " \
+            r"decay_steps, min_lr=alpha \* lr\)"
+    with pytest.raises(InputError, match=r"^CosineDecay\(alpha=0.2\) \(argument 3, as Keras "
+                                         r"reads it\): an argument of Keras' .*" + alpha):
         optim.CosineDecay(0.5, 10, 0.2)
+    with pytest.raises(InputError, match=r"^CosineDecay\(alpha=0.2\): .*" + alpha):
+        optim.CosineDecay(0.5, 10, alpha=0.2)
     assert optim.CosineDecay(0.5, 10, min_lr=0.5 * 0.2)(10) == pytest.approx(0.1)
+
+
+def test_keras_and_pytorch_schedule_arguments_are_taken_as_xpcnns_or_refused_by_name():
+    """Keras' CosineDecay and PyTorch's StepLR and OneCycleLR arguments: their names of xpcnn's
+    settings taken (initial_learning_rate, max_lr: lr), their defaults (xpcnn's behaviour)
+    taken, other values refused saying what instead; whole-number float step counts taken as
+    Keras takes decay_steps=1e4 (was: "unexpected keyword argument", "must be >= 1, got
+    10000.0")."""
+    keras = optim.CosineDecay(initial_learning_rate=0.5, decay_steps=1e4, alpha=0.0,
+                              name="CosineDecay", warmup_target=None, warmup_steps=0)
+    assert keras.get_config() == optim.CosineDecay(0.5, 10_000).get_config()
+    assert isinstance(keras.decay_steps, int)
+    torch = optim.OneCycle(max_lr=0.1, total_steps=100.0, anneal_strategy="cos",
+                           cycle_momentum=False, three_phase=False, last_epoch=-1)
+    assert torch.get_config() == optim.OneCycle(0.1, 100).get_config()
+    assert optim.StepDecay(0.1, 10.0, last_epoch=-1).step_size == 10
+    assert optim.LinearWarmup(0.1, 5.0).warmup_steps == 5
+    for make, message in [
+            (lambda: optim.OneCycle(max_lr=0.1, total_steps=10, cycle_momentum=True),
+             r"OneCycle\(cycle_momentum=True\): .* the optimiser's momentum stays as set"),
+            (lambda: optim.OneCycle(max_lr=0.1, epochs=3, steps_per_epoch=10),
+             r"OneCycle\(epochs=3\): .*total_steps=epochs \* steps_per_epoch"),
+            (lambda: optim.OneCycle(0.1, 10, anneal_strategy="linear"),
+             "anneals along a cosine only"),
+            (lambda: optim.CosineDecay(0.1, 10, warmup_target=0.5, warmup_steps=3),
+             r"warmup_target=0.5\): .*LinearWarmup\(CosineDecay\(warmup_target"),
+            (lambda: optim.OneCycle(0.1, 10, max_lr=0.2), "given both lr and max_lr"),
+            (lambda: optim.CosineDecay(0.1, 10, 0.0, "CosineDecay", None, 0, 5),
+             r"takes at most 2 positional arguments \(lr, decay_steps\), got 7"),
+            (lambda: optim.CosineDecay(0.1, 1e4 + 0.5), "decay_steps must be a whole number"),
+            (lambda: optim.OneCycle(0.1, 1.0), "total_steps must be >= 2, got 1.0")]:
+        with pytest.raises(InputError, match=message):
+            make()
+    with pytest.raises(TypeError, match="unexpected keyword argument 'gama'"):  # (a typo)
+        optim.StepDecay(0.1, 10, gama=0.5)
+
+
+def test_a_rate_given_as_a_0_d_array_is_a_number():
+    """np.array(0.1) (what NumPy code gives for a number) is taken as a rate, in the
+    constructor and by learning_rate.assign (was: "must be a positive number ... got
+    array(0.1)"); an array of several numbers is still refused."""
+    opt = optim.SGD(np.array(0.1), momentum=np.float32(0.5))
+    assert opt.lr == 0.1 and type(opt.lr_factor) is float
+    opt.learning_rate.assign(np.array(0.05))
+    assert opt.lr == 0.05
+    assert optim.CosineDecay(np.array(0.5), np.array(10))(10) == 0.0
+    with pytest.raises(InputError, match=r"got array\(\[0.1, 0.2\]\)"):
+        optim.SGD(np.array([0.1, 0.2]))
+    with pytest.raises(InputError, match="must be a positive number"):
+        optim.SGD(np.array(True))
+
+
+def test_an_optimizers_configuration_of_another_form_is_named():
+    """optimizer_from_config (what a model file's compile settings go through): a rate given
+    as a number, as Keras' configurations give it, is a constant rate; a configuration of no
+    such form names the form expected (was: TypeError: 'float' object is not iterable)."""
+    assert optim.optimizer_from_config({"class": "SGD", "lr": 0.01}).lr == 0.01
+    with pytest.raises(InputError, match=r"a schedule's configuration must be a dict naming its "
+                                         r"class, such as \{'class': 'Constant', 'lr': 0.01\}, "
+                                         "got 'x'"):
+        optim.optimizer_from_config({"class": "SGD", "lr": "x"})
+    with pytest.raises(InputError, match="an optimizer's configuration must be a dict naming"):
+        optim.optimizer_from_config(["SGD", 0.01])
 
 
 def test_keras_weight_decay_and_l2_as_the_docstrings_and_readme_state_them(rng):

@@ -52,7 +52,9 @@ class Metric:
 
 
 class _Accuracy(Metric):
-    """``"accuracy"`` / ``"acc"``: the first largest score at the target's class."""
+    """``"accuracy"`` / ``"acc"``: the first largest score at the target's class. The scores
+    are the logits (before a final softmax): Keras' argmax of the probabilities, except where
+    softmax rounds two different logits to one probability (a tie there, not here)."""
 
     def __init__(self, name: str) -> None:
         self.name = name

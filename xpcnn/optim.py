@@ -36,12 +36,22 @@ from .ops.kernels import StandardKernels
 
 
 def _real(v: Any) -> bool:
-    """A finite int or float (not a bool, not a string)."""
+    """A finite int or float (not a bool, not a string), or a 0-d array of one, as NumPy code
+    gives a number (``np.array(0.1)``, ``x.mean()``): each setting is read with float()."""
+    if getattr(v, "shape", None) == () and getattr(getattr(v, "dtype", None), "kind", None) in (
+            "i", "u", "f"):
+        v = v.item()
     return isinstance(v, numbers.Real) and not isinstance(v, bool) and math.isfinite(v)
 
 
-def _count(v: Any) -> bool:
-    return isinstance(v, numbers.Integral) and not isinstance(v, bool)
+def _steps(v: Any, what: str, least: int = 1) -> int:
+    """A count of steps, at least ``least``: an int, or a float holding a whole number (as
+    Keras takes ``decay_steps=1e4``)."""
+    if not _real(v) or float(v) != int(float(v)):
+        raise InputError(f"{what} must be a whole number of steps, got {v!r}")
+    if float(v) < least:
+        raise InputError(f"{what} must be >= {least}, got {v!r}")
+    return int(float(v))
 
 
 @functools.cache
@@ -238,6 +248,76 @@ def _rate(v: Any, what: str, zero: bool = True) -> float:
 # -- learning-rate schedules ------------------------------------------------------------------
 
 
+_NO_MOMENTUM_CYCLE = ("xpcnn's OneCycle schedules the learning rate only (PyTorch's "
+                      "cycle_momentum=False): the optimiser's momentum stays as set")
+_KERAS_WARMUP = ("xpcnn's warm-up wraps the schedule: LinearWarmup(CosineDecay(warmup_target, "
+                 "decay_steps), warmup_steps), which rises from warmup_target / warmup_steps")
+_NO_SCHEDULE_NAME = "xpcnn's schedules have no name (files name them by class)"
+#: The arguments of Keras' CosineDecay and of PyTorch's StepLR and OneCycleLR that xpcnn's
+#: schedules take under another name (xpcnn's name), or do not take: (their default, xpcnn's
+#: behaviour, taken; what instead of another value). ``positional``: Keras' names of the
+#: positional arguments after xpcnn's (CosineDecay's third is Keras' alpha, no rate).
+PORTED_SCHEDULE_ARGUMENTS: dict[str, dict[str, Any]] = {
+    "StepDecay": {"last_epoch": ((-1,), "a checkpoint resumes a schedule at its step")},
+    "CosineDecay": {
+        "initial_learning_rate": "lr",
+        "alpha": ((0, 0.0), "Keras' alpha is a fraction of lr, xpcnn's min_lr a rate: "
+                            "CosineDecay(lr, decay_steps, min_lr=alpha * lr)"),
+        "name": ((None, "CosineDecay"), _NO_SCHEDULE_NAME),
+        "warmup_target": ((None,), _KERAS_WARMUP), "warmup_steps": ((0,), _KERAS_WARMUP),
+        "positional": ("alpha", "name", "warmup_target", "warmup_steps"),
+    },
+    "OneCycle": {
+        "max_lr": "lr",
+        "anneal_strategy": (("cos",), "xpcnn's OneCycle anneals along a cosine only"),
+        "cycle_momentum": ((False,), _NO_MOMENTUM_CYCLE),
+        "base_momentum": ((0.85,), _NO_MOMENTUM_CYCLE),
+        "max_momentum": ((0.95,), _NO_MOMENTUM_CYCLE),
+        "three_phase": ((False,), "xpcnn's OneCycle has PyTorch's two phases only"),
+        "epochs": ((None,), "give total_steps=epochs * steps_per_epoch"),
+        "steps_per_epoch": ((None,), "give total_steps=epochs * steps_per_epoch"),
+        "last_epoch": ((-1,), "a checkpoint resumes a schedule at its step"),
+    },
+}
+
+
+def _takes_ported_arguments(init: Callable[..., None]) -> Callable[..., None]:
+    """``init``, a schedule's constructor, taking Keras' or PyTorch's arguments where they are
+    its own under another name or its behaviour, and refusing the others by name, saying what
+    instead (:data:`PORTED_SCHEDULE_ARGUMENTS`; was Python's "unexpected keyword argument")."""
+    owner = init.__qualname__.partition(".")[0]
+    table = PORTED_SCHEDULE_ARGUMENTS[owner]
+    params = named_parameters(init)
+    positional = [p for p in params if p != "self"][:init.__code__.co_argcount - 1]
+
+    @functools.wraps(init)
+    def checked(self: Any, *args: Any, **kwargs: Any) -> None:
+        ported = dict(zip(table.get("positional", ()), args[len(positional):], strict=False))
+        if len(args) > len(positional) + len(ported):
+            raise InputError(f"{owner} takes at most {len(positional)} positional arguments "
+                             f"({', '.join(positional)}), got {len(args)}")
+        for key, value in (*ported.items(), *list(kwargs.items())):
+            if key in params or key not in table or key == "positional":
+                continue  # (xpcnn's own, or Python's error: a name no library gives)
+            kwargs.pop(key, None)
+            if isinstance(table[key], str):  # (xpcnn's name of the same setting)
+                if table[key] in kwargs or params.index(table[key]) < len(args):
+                    raise InputError(f"{owner} was given both {table[key]} and {key}: {key} "
+                                     f"is {table[key]}, give one of them")
+                kwargs[table[key]] = value
+                continue
+            taken, instead = table[key]
+            if not is_one_of(value, taken):
+                where = f" (argument {len(positional) + list(ported).index(key) + 1}, as " \
+                        "Keras reads it)" if key in ported else ""
+                raise InputError(f"{owner}({key}={value!r}){where}: an argument of Keras' or "
+                                 f"PyTorch's schedule that xpcnn's {owner} does not take: "
+                                 f"{instead}")
+        init(self, *args[:len(positional)], **kwargs)
+
+    return checked
+
+
 def _cosine(start: float, end: float, t: float) -> float:
     """From ``start`` at t = 0 to ``end`` at t = 1 along half a cosine (PyTorch's
     ``_annealing_cos``: the same rounding, halving being exact)."""
@@ -289,10 +369,10 @@ class Schedule:
 class StepDecay(Schedule):
     """lr * gamma ** (step // step_size)."""
 
+    @_takes_ported_arguments
     def __init__(self, lr: float, step_size: int, gamma: float = 0.1) -> None:
-        if not _count(step_size) or step_size < 1:
-            raise InputError(f"StepDecay step_size must be >= 1, got {step_size!r}")
-        self.lr, self.step_size = _rate(lr, "StepDecay lr"), int(step_size)
+        self.lr = _rate(lr, "StepDecay lr")
+        self.step_size = _steps(step_size, "StepDecay step_size")
         self.gamma = _rate(gamma, "StepDecay gamma")
 
     def __call__(self, step: int) -> float:
@@ -307,10 +387,10 @@ class CosineDecay(Schedule):
     rate, keyword-only: Keras' third argument, ``alpha``, is a fraction of the first rate
     (Keras' ``CosineDecay(lr, steps, alpha)`` is ``CosineDecay(lr, steps, min_lr=alpha * lr)``)."""
 
+    @_takes_ported_arguments
     def __init__(self, lr: float, decay_steps: int, *, min_lr: float = 0.0) -> None:
-        if not _count(decay_steps) or decay_steps < 1:
-            raise InputError(f"CosineDecay decay_steps must be >= 1, got {decay_steps!r}")
-        self.lr, self.decay_steps = _rate(lr, "CosineDecay lr"), int(decay_steps)
+        self.lr = _rate(lr, "CosineDecay lr")
+        self.decay_steps = _steps(decay_steps, "CosineDecay decay_steps")
         self.min_lr = _rate(min_lr, "CosineDecay min_lr")
         if self.min_lr > self.lr:  # (a cosine rising to it: a Keras alpha taken as a rate?)
             raise InputError(f"CosineDecay min_lr ({self.min_lr}) must be at most lr "
@@ -326,10 +406,8 @@ class LinearWarmup(Schedule):
     then follow that schedule (counted from the end of the warm-up)."""
 
     def __init__(self, after: Schedule | float, warmup_steps: int) -> None:
-        if not _count(warmup_steps) or warmup_steps < 1:
-            raise InputError(f"LinearWarmup warmup_steps must be >= 1, got {warmup_steps!r}")
+        self.warmup_steps = _steps(warmup_steps, "LinearWarmup warmup_steps")
         self.after = after if isinstance(after, Schedule) else Constant(after)
-        self.warmup_steps = int(warmup_steps)
 
     def __call__(self, step: int) -> float:
         if step < self.warmup_steps:
@@ -357,13 +435,13 @@ class OneCycle(Schedule):
     lr / div_factor, the limit of PyTorch's formula there as pct_start * total_steps falls
     to 1 (the warm-up's start), and the steps after it are PyTorch's."""
 
+    @_takes_ported_arguments
     def __init__(self, lr: float, total_steps: int, pct_start: float = 0.3,
                  div_factor: float = 25.0, final_div_factor: float = 1e4) -> None:
-        if not _count(total_steps) or total_steps < 2:
-            raise InputError(f"OneCycle total_steps must be >= 2, got {total_steps!r}")
+        self.total_steps = _steps(total_steps, "OneCycle total_steps", least=2)
         if not _real(pct_start) or not 0 < pct_start < 1:
             raise InputError(f"OneCycle pct_start must be in (0, 1), got {pct_start!r}")
-        self.lr, self.total_steps = _rate(lr, "OneCycle lr"), int(total_steps)
+        self.lr = _rate(lr, "OneCycle lr")
         self.pct_start = float(pct_start)
         self.div_factor = _rate(div_factor, "OneCycle div_factor", zero=False)
         self.final_div_factor = _rate(final_div_factor, "OneCycle final_div_factor", zero=False)
@@ -391,9 +469,19 @@ class Constant(Schedule):
 
 
 
-def schedule_from_config(config: dict[str, Any]) -> Schedule:
+def _class_config(config: Any, what: str, example: str) -> tuple[str, dict[str, Any]]:
+    """A configuration's class name and its other entries, refused (naming the form
+    expected) where it is no such dict: a file edited by hand, or Keras' form."""
+    if not isinstance(config, dict) or not isinstance(config.get("class"), str):
+        raise InputError(f"{what} configuration must be a dict naming its class, such as "
+                         f"{example}, got {config!r}")
     config = dict(config)
-    cls = registered(SCHEDULES, config.pop("class"), "schedule")
+    return config.pop("class"), config
+
+
+def schedule_from_config(config: dict[str, Any]) -> Schedule:
+    name, config = _class_config(config, "a schedule's", "{'class': 'Constant', 'lr': 0.01}")
+    cls = registered(SCHEDULES, name, "schedule")
     if "after" in config:
         config["after"] = schedule_from_config(config["after"])
     return cls(**config)
@@ -1172,7 +1260,9 @@ def get_optimizer(optimizer: str | Optimizer) -> Optimizer:
 
 def optimizer_from_config(config: dict[str, Any]) -> Optimizer:
     """The optimiser that ``config`` (:meth:`Optimizer.get_config`'s) describes, at step 0."""
-    config = dict(config)
-    cls = registered(OPTIMIZER_CLASSES, config.pop("class"), "optimizer")
-    config["lr"] = schedule_from_config(config["lr"])
+    name, config = _class_config(config, "an optimizer's", "{'class': 'SGD', 'lr': 0.01}")
+    cls = registered(OPTIMIZER_CLASSES, name, "optimizer")
+    # (a rate as Keras' configurations give it, a number, or a schedule's configuration)
+    lr = config.get("lr")
+    config["lr"] = lr if _real(lr) else schedule_from_config(lr)
     return cls(**config)
