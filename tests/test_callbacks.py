@@ -771,6 +771,54 @@ def test_model_checkpoint_best_only_and_weights_only(data, tmp_path):
                           callbacks=[ModelCheckpoint(tmp_path / "{val_loss}.npz")])
 
 
+@pytest.mark.parametrize("writers, names", [
+    (lambda p: {"checkpoint": p, "callbacks": [Scripted([1.0, 0.0]), ModelCheckpoint(
+        p, monitor="score", mode="min", save_best_only=True)]},
+     r"the ModelCheckpoint and fit\(checkpoint=\.\.\.\) would both write .*the best model"),
+    (lambda p: {"checkpoint": p, "callbacks": [CSVLogger(p)]},
+     r"the CSVLogger and fit\(checkpoint=\.\.\.\) would both write .*the CSV log"),
+    (lambda p: {"callbacks": [BackupAndRestore(p), ModelCheckpoint(p, save_weights_only=True)]},
+     "the ModelCheckpoint and the BackupAndRestore would both write"),
+    (lambda p: {"callbacks": [CSVLogger(p), CSVLogger(os.path.relpath(p))]},
+     r"the CSVLogger \('/.*'\) and another CSVLogger \('[^/].*'\) would both write '/"),
+    (lambda p: {"checkpoint": p, "callbacks": [ModelCheckpoint("run{epoch:03}.npz")]},
+     r"the ModelCheckpoint's path 'run\{epoch:03\}\.npz' can be filled to '/.*/run002\.npz', "
+     r"the file fit\(checkpoint=\.\.\.\) writes"),
+])
+def test_two_writers_of_one_file_are_refused_before_any_write(data, tmp_path, monkeypatch,
+                                                              writers, names):
+    """fit(checkpoint=p) with ModelCheckpoint(p, save_best_only=True) ended with the last
+    epoch's checkpoint in p, the best model lost; with CSVLogger(p) the log was lost: refused,
+    as the command line refuses two outputs on one file, before anything is written."""
+    monkeypatch.chdir(tmp_path)
+    path = str(tmp_path / "run002.npz")
+    model = small_model()
+    with pytest.raises(InputError, match=names + ".*give each a file of its own"):
+        model.fit(*data, epochs=2, batch_size=BATCH, verbose=0, **writers(path))
+    assert model.optimizer.iterations == 0 and os.listdir(tmp_path) == []
+
+
+def test_writers_of_other_files_are_taken(data, tmp_path):
+    """Not refused: a template that no number fills to the checkpoint's name, and files of
+    their own (a link to another folder's file: the file itself is compared)."""
+    (tmp_path / "sub").mkdir()
+    (tmp_path / "link").symlink_to(tmp_path / "sub")
+    model = small_model()
+    model.fit(*data, epochs=2, batch_size=BATCH, verbose=0, checkpoint=tmp_path / "ckpt-last.npz",
+              callbacks=[ModelCheckpoint(tmp_path / "ckpt-{epoch}.npz"),
+                         CSVLogger(tmp_path / "link" / "log.csv"),
+                         ModelCheckpoint(tmp_path / "sub" / "best.npz", monitor="loss",
+                                         save_best_only=True)])
+    assert sorted(os.listdir(tmp_path)) == ["ckpt-1.npz", "ckpt-2.npz", "ckpt-last.npz", "link",
+                                            "sub"]
+    assert sorted(os.listdir(tmp_path / "sub")) == ["best.npz", "log.csv"]
+    with pytest.raises(InputError, match="the CSVLogger .* and the ModelCheckpoint .* would "
+                                         "both write '.*/sub/best.npz'"):
+        small_model().fit(*data, verbose=0, callbacks=[
+            CSVLogger(tmp_path / "link" / "best.npz"),
+            ModelCheckpoint(tmp_path / "sub" / "best.npz")])
+
+
 def test_a_model_checkpoint_written_at_an_error_keeps_the_file_that_resumes(data, tmp_path,
                                                                          capsys):
     """A callback raising in epoch 2's on_epoch_end, before an EarlyStopping: the save put off

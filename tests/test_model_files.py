@@ -9,8 +9,10 @@ takes more memory (tracemalloc's peak) than a small multiple of that model's siz
 
 from __future__ import annotations
 
+import errno
 import io
 import os
+import pickle
 import stat
 import struct
 import tracemalloc
@@ -532,6 +534,107 @@ def test_files_are_created_as_the_umask_says(tmp_path, umask):
     for name in ("m.npz", "c.npz"):
         assert stat.S_IMODE((tmp_path / name).stat().st_mode) == 0o666 & ~umask
     assert sorted(p.name for p in tmp_path.iterdir()) == ["c.npz", "m.npz"]  # no leftovers
+
+
+def tiny_model() -> xpcnn.Sequential:
+    model = xpcnn.Sequential([Flatten(), Dense(2)], input_shape=(2, 2, 1), seed=0)
+    model.compile(optimizer="sgd")
+    return model
+
+
+@pytest.mark.parametrize("write", [xpcnn.Model.save, xpcnn.Model.save_weights, save_checkpoint],
+                         ids=["model file", "weights file", "checkpoint"])
+def test_a_file_saved_over_keeps_its_permissions(tmp_path, write):
+    """A model file set to 0600 was 0644 after the next save (umask 022): the temporary file
+    renamed over it takes the old file's mode; a new file's is as the umask says."""
+    path = tmp_path / "m.npz"
+    write(tiny_model(), path)
+    for mode in (0o600, 0o640, 0o444):
+        path.chmod(mode)
+        write(tiny_model(), path)
+        assert stat.S_IMODE(path.stat().st_mode) == mode
+    old = os.umask(0o022)
+    try:
+        write(tiny_model(), tmp_path / "new.npz")
+    finally:
+        os.umask(old)
+    assert stat.S_IMODE((tmp_path / "new.npz").stat().st_mode) == 0o644
+
+
+@pytest.mark.parametrize("write", [xpcnn.Model.save, xpcnn.Model.save_weights],
+                         ids=["model file", "weights file"])
+def test_a_model_file_write_removes_the_leftovers_of_killed_writers(tmp_path, write):
+    """A writer killed mid-save leaves its hidden temporary (a full copy of the model): only
+    checkpoints removed them; a model or weights file's write does too, and only those (the
+    names files.remove_leftovers matches)."""
+    from xpcnn import files
+
+    fd, leftover = files._new_temporary(str(tmp_path), "m.npz", ".tmp")  # (a killed writer's)
+    os.close(fd)
+    users = [".m.npz.backup.tmp", ".m.npz.0123.tmp", ".m.npz.0123456789AB.tmp",
+             ".n.npz.0123456789ab.tmp", "m.npz.0123456789ab.tmp", ".m.npz.0123456789ab.part"]
+    for name in users:
+        (tmp_path / name).write_bytes(b"mine")
+    write(tiny_model(), tmp_path / "m.npz")
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(["m.npz", *users])
+    assert not os.path.exists(leftover)
+
+
+def _zip(path, names) -> None:
+    with zipfile.ZipFile(path, "w") as z:
+        for name in names:
+            z.writestr(name, b"{}")
+
+
+@pytest.mark.parametrize("make, kind", [
+    (lambda p: _zip(p, ["metadata.json", "config.json", "model.weights.h5"]),
+     "a Keras .keras file"),
+    (lambda p: p.write_bytes(b"\x89HDF\r\n\x1a\n" + bytes(200)),
+     r"an HDF5 file \(Keras' \.h5 / \.weights\.h5\)"),
+    (lambda p: _zip(p, ["model/data.pkl", "model/.format_version", "model/byteorder",
+                        "model/data/0", "model/version"]), "a PyTorch torch.save file"),
+    (lambda p: p.write_bytes(b"\x80\x02\x8a\nl\xfc\x9cF\xf9 j\xa8P\x19.\x80\x02M\xe9\x03."),
+     "a PyTorch torch.save file"),  # (PyTorch's format before 1.6: pickles, no zip)
+])
+def test_another_librarys_file_is_named_as_such(tmp_path, make, kind):
+    """A Keras .keras file said "entry 'metadata.json' is not an array (.npy)", an .h5 file
+    "BadZipFile", a torch.save file "entry 'model/data.pkl' is not an array": each loader says
+    what the file is and that xpcnn reads its own .npz files."""
+    path = tmp_path / "other.keras"
+    make(path)
+    said = (rf"other\.keras: {kind}; xpcnn reads only its own \.npz files .*: to port the "
+            r"weights, .*set_weights of an xpcnn model of the same layers")
+    for load in (xpcnn.load_model, tiny_model().load_weights, load_checkpoint):
+        with pytest.raises(DataFormatError, match=said):
+            load(path)
+
+
+def test_a_file_of_no_known_kind_is_still_said_to_be_unreadable(tmp_path):
+    path = tmp_path / "noise.npz"
+    path.write_bytes(np.random.default_rng(0).bytes(300))
+    with pytest.raises(DataFormatError, match=r"not a readable xpcnn \.npz file \(BadZipFile"):
+        xpcnn.load_model(path)
+    _zip(path, ["notes.txt"])  # (a zip of no other library's)
+    with pytest.raises(DataFormatError, match=r"entry 'notes.txt' is not an array \(\.npy\)"):
+        xpcnn.load_model(path)
+
+
+def test_a_missing_file_is_a_file_not_found_error_too(tmp_path):
+    """A missing file was a DataFormatError alone, which ``except FileNotFoundError`` (Keras'
+    load_weights' and torch.load's error) and ``except OSError`` missed."""
+    path = tmp_path / "absent.npz"
+    for load in (xpcnn.load_model, tiny_model().load_weights, load_checkpoint):
+        with pytest.raises(FileNotFoundError, match=r"absent\.npz: no such file$") as caught:
+            load(path)
+        assert isinstance(caught.value, DataFormatError) and caught.value.filename == str(path)
+        assert caught.value.errno == errno.ENOENT and str(caught.value) == f"{path}: no such file"
+    copy = pickle.loads(pickle.dumps(caught.value))  # (as a worker process hands it back)
+    assert (type(copy), str(copy), copy.filename) == (type(caught.value), str(caught.value),
+                                                      str(path))
+    (tmp_path / "folder.npz").mkdir()  # (there, but not a file: not a FileNotFoundError)
+    with pytest.raises(DataFormatError, match="is a folder") as caught:
+        xpcnn.load_model(tmp_path / "folder.npz")
+    assert not isinstance(caught.value, OSError)
 
 
 @pytest.mark.parametrize("write", [xpcnn.Model.save, save_checkpoint],

@@ -22,6 +22,7 @@ from .errors import (
     DownloadError,
     InputError,
     MissingDependencyError,
+    MissingFileError,
     NonFiniteError,
     TrainingInterrupted,
     XpcnnError,
@@ -35,7 +36,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "Backend", "DataFormatError", "DeviceError", "DownloadError", "History", "Input",
-    "InputError", "MissingDependencyError", "Model", "NonFiniteError", "Sequential",
-    "SoftmaxCrossEntropy", "TrainingInterrupted", "XpcnnError", "callbacks", "data",
-    "get_backend", "layers", "load_checkpoint", "load_model", "metrics", "optim",
+    "InputError", "MissingDependencyError", "MissingFileError", "Model", "NonFiniteError",
+    "Sequential", "SoftmaxCrossEntropy", "TrainingInterrupted", "XpcnnError", "callbacks",
+    "data", "get_backend", "layers", "load_checkpoint", "load_model", "metrics", "optim",
 ]

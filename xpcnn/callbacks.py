@@ -64,7 +64,7 @@ import time
 import weakref
 import zlib
 from collections.abc import Callable, Collection, Iterable, Iterator, Mapping, MutableMapping
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 from tqdm.auto import tqdm
@@ -231,7 +231,9 @@ class CallbackList:
         the callbacks that keep one are then converted as its writer converts them, so that one
         a checkpoint cannot hold (a set, a date) is refused now, not at the first save after an
         epoch of training; before a :class:`BackupAndRestore` (last in fit) begins, so that a
-        refused fit has resumed nothing."""
+        refused fit has resumed nothing. First of all, two writers of one file are refused
+        (:func:`check_own_files`), before any file is written or read."""
+        check_own_files(self.callbacks)
         logs = {} if logs is None else logs
         backup = next((k for k, cb in enumerate(self.callbacks)
                        if isinstance(cb, BackupAndRestore)), len(self.callbacks))
@@ -332,6 +334,124 @@ class CallbackList:
                                   if isinstance(cb, BackupAndRestore))):
                 cb.on_non_finite(error)
         return handler is not None
+
+
+#: What a field of a :class:`ModelCheckpoint` path gives: the epoch, the batch and the logs
+#: are numbers (a sign, digits with grouping, an exponent, ``inf``, ``nan``, a percent sign).
+_NUMBER = r"[-+ ]?(?:[0-9.,_]*[0-9](?:[eE][-+]?[0-9]+)?|inf|nan|INF|NAN)%?"
+
+
+def _field_pattern(spec: str) -> str:
+    """The pattern of what a path field of format ``spec`` can give: a number, padded (with
+    spaces or the spec's fill character); for a format of other digits or of text
+    (``{epoch:x}``, a callback's log as ``{name:s}``), any text without a separator."""
+    if spec[-1:] in tuple("bcosxX"):
+        return "[^" + re.escape(os.sep + (os.altsep or "")) + "]*"
+    pad = "[" + re.escape(" " + (spec[0] if spec[1:2] in tuple("<>=^") else "")) + "]*"
+    return pad + _NUMBER + pad
+
+
+def _given_file(cb: Callback) -> str | None:
+    """The path of the file ``cb`` writes in fit, as given (a ModelCheckpoint's template);
+    None where it writes none."""
+    if isinstance(cb, BackupAndRestore):
+        return cb.path
+    if isinstance(cb, CSVLogger):
+        return cb.filename
+    return cb.filepath if isinstance(cb, ModelCheckpoint) else None
+
+
+class _Template(NamedTuple):
+    """A :class:`ModelCheckpoint` path with fields: ``text``, the template with its folder
+    before the first field resolved (two alike write the same files), and ``pattern``, that
+    of the files it can be filled to, each field any text that numbers format to."""
+
+    text: str
+    pattern: re.Pattern[str]
+
+
+def _written_by(cb: Callback) -> str | _Template | None:
+    """The file ``cb`` writes in fit, as :func:`~xpcnn.files.written_file` names it (links
+    followed), or a :class:`_Template` for a ModelCheckpoint path with fields; None where
+    ``cb`` writes no file, or its path is one that its own ``on_train_begin`` refuses, naming
+    it (a template that does not parse, links in a loop)."""
+    given = _given_file(cb)
+    if given is None:
+        return None
+    try:  # (a BackupAndRestore's or CSVLogger's path is no template: its braces are text)
+        parts = list(string.Formatter().parse(given)) if isinstance(cb, ModelCheckpoint) \
+            else [(given, None, None, None)]
+    except ValueError:
+        return None
+    first = next((k for k, part in enumerate(parts) if part[1] is not None), len(parts))
+    head = "".join(literal for literal, *_ in parts[:first + 1])
+    try:
+        if first == len(parts):  # (no field: the one file it writes)
+            return written_file(head)
+        folder, start = os.path.split(head)
+        folder = os.path.join(written_file(folder or os.curdir), "")
+    except OSError:
+        return None
+    text, pattern = folder + start.replace("{", "{{").replace("}", "}}"), re.escape(folder + start)
+    for k, (literal, field, spec, conversion) in enumerate(parts[first:]):
+        if k:
+            text += literal.replace("{", "{{").replace("}", "}}")
+            pattern += re.escape(literal)
+        if field is not None:
+            text += "{" + field + (f"!{conversion}" if conversion else "") + \
+                (f":{spec}" if spec else "") + "}"
+            pattern += _field_pattern(spec or "")
+    return _Template(text, re.compile(pattern))
+
+
+def check_own_files(callbacks: Iterable[Callback]) -> None:
+    """Refuse two of fit's writers (:class:`BackupAndRestore` or ``fit(checkpoint=...)``,
+    :class:`ModelCheckpoint`, :class:`CSVLogger`) that would write one file: each write would
+    replace the other's (the best model of ``save_best_only``, the log), as the command line
+    refuses two outputs on one file. A ModelCheckpoint path with fields (``{epoch}``) is
+    refused where it can be filled to another's file (its fields filled with any number), or
+    is another ModelCheckpoint's path too; one with no field is a file like the others."""
+    writers = [(cb, file) for cb in callbacks if (file := _written_by(cb)) is not None]
+    for k, (a, file_a) in enumerate(writers):
+        for b, file_b in writers[k + 1:]:
+            if isinstance(file_a, str) and isinstance(file_b, _Template):
+                a, file_a, b, file_b = b, file_b, a, file_a  # (a template first)
+            if _one_file(file_a, file_b):
+                raise InputError(_same_file(a, b, file_a, file_b))
+
+
+def _one_file(file_a: str | _Template, file_b: str | _Template) -> bool:
+    """Whether two writers' files, as :func:`_written_by` gives them (a template first), are
+    one: the same file, a file the template can be filled to, or the same template."""
+    if isinstance(file_a, str):
+        return file_a == file_b
+    if isinstance(file_b, str):
+        return file_a.pattern.fullmatch(file_b) is not None
+    return file_a.text == file_b.text
+
+
+def _same_file(a: Callback, b: Callback, file_a: str | _Template, file_b: str | _Template
+               ) -> str:
+    """The refusal of ``a`` and ``b``, which write one file (``file_a`` and ``file_b``, as
+    :func:`_written_by` gives them: ``a``'s a template where one is)."""
+    what_a = getattr(a, "what", f"the {type(a).__name__}")
+    what_b = getattr(b, "what", f"the {type(b).__name__}")
+    if what_b == what_a:
+        what_b = f"another {type(b).__name__}"
+    given_a, given_b = _given_file(a), _given_file(b)
+    if isinstance(file_a, _Template) and isinstance(file_b, str):
+        both = (f"{what_a}'s path {given_a!r} can be filled to {file_b!r}, the file {what_b} "
+                "writes" + ("" if file_b == given_b else f" ({given_b!r})"))
+    elif given_a == given_b:
+        both = f"{what_a} and {what_b} would both write {given_a!r}"
+    else:
+        shown = repr(file_a) if isinstance(file_a, str) else "the same files"
+        both = f"{what_a} ({given_a!r}) and {what_b} ({given_b!r}) would both write {shown}"
+    lost = " (the best model that save_best_only keeps would be lost)" if any(
+        isinstance(cb, ModelCheckpoint) and cb.save_best_only for cb in (a, b)) else \
+        " (the CSV log would be lost)" if any(isinstance(cb, CSVLogger) for cb in (a, b)) else ""
+    return f"{both}: each would replace the other's file as training goes{lost}; give each " \
+        "a file of its own"
 
 
 def _save_pending(saves: list[ModelCheckpoint], not_run: Collection[Callback] = ()) -> None:
@@ -1121,7 +1241,9 @@ class BackupAndRestore(Callback):
     progress finish, writes the checkpoint there and stops with
     :class:`~xpcnn.errors.TrainingInterrupted`. ``fit(checkpoint=PATH, resume=True)`` is short
     for this callback (:mod:`xpcnn.saving.checkpoint` describes the file); a ``fit`` takes one
-    (``checkpoint=`` counts as one). The learning-rate factor that :class:`ReduceLROnPlateau` or
+    (``checkpoint=`` counts as one), whose file no other callback of the fit may write (a
+    ModelCheckpoint's or CSVLogger's: refused before training, :func:`check_own_files`). The
+    learning-rate factor that :class:`ReduceLROnPlateau` or
     :class:`LearningRateScheduler` set is optimiser state and comes back; so do, unlike in
     Keras, the states of the callbacks that keep one (:class:`EarlyStopping`'s best value,
     patience count and best weights, :class:`ReduceLROnPlateau`'s, :class:`ModelCheckpoint`'s
@@ -1150,6 +1272,7 @@ class BackupAndRestore(Callback):
         self.path, self.save_freq = path, save_freq
         self.resume = checks.flag(resume, "resume")
         self.delete_checkpoint = checks.flag(delete_checkpoint, "delete_checkpoint")
+        self.what = "the BackupAndRestore"  # (as errors name it; fit(checkpoint=) sets its own)
 
     def on_train_begin(self, logs: Mapping[str, float] | None = None) -> None:
         self.ended_non_finite = False

@@ -2,11 +2,14 @@
 
 Every error a user can provoke with bad input is one of these, with a message that names what was
 wrong and what was expected. Each also derives from the matching built-in type so that code written
-against ``ValueError`` or ``OSError`` keeps working.
+against ``ValueError`` or ``OSError`` keeps working: a file to load that is not there is a
+:class:`MissingFileError`, both a :class:`DataFormatError` and a ``FileNotFoundError``.
 """
 
 from __future__ import annotations
 
+import errno
+import os
 import sys
 import warnings
 
@@ -48,6 +51,23 @@ class DeviceError(XpcnnError, RuntimeError):
 
 class DataFormatError(XpcnnError, ValueError):
     """A file (dataset, model, checkpoint) that is corrupt, truncated or of another kind."""
+
+
+class MissingFileError(DataFormatError, FileNotFoundError):
+    """A file to load (a model file, weights file or checkpoint) that does not exist: caught by
+    ``except FileNotFoundError`` (or ``OSError``), as Keras' ``load_weights`` and
+    ``torch.load`` raise it, and by ``except DataFormatError``. ``filename`` is the path."""
+
+    def __init__(self, message: str, path: str) -> None:
+        super().__init__(message)
+        self.errno, self.strerror, self.filename = errno.ENOENT, os.strerror(errno.ENOENT), path
+
+    def __str__(self) -> str:  # (the message, not OSError's "[Errno 2] ...: path")
+        return str(self.args[0])
+
+    def __reduce__(self) -> tuple[type[MissingFileError], tuple[str, str]]:
+        # (OSError's would pass (errno, strerror, filename) to this __init__)
+        return type(self), (self.args[0], self.filename)
 
 
 class DownloadError(XpcnnError, OSError):

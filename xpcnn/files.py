@@ -2,7 +2,8 @@
 it, so the destination is always either the old file or the complete new one. Model files,
 checkpoints, ONNX exports, downloads, figures and the first rows of a CSVLogger file that a run
 writes anew are all written through :func:`atomic_file`; a symbolic
-link's target is written, as ``open(path, "w")`` writes it, and the link kept."""
+link's target is written, as ``open(path, "w")`` writes it, and the link kept; a file replaced
+keeps its permissions."""
 
 from __future__ import annotations
 
@@ -25,7 +26,9 @@ def atomic_file(path: str | os.PathLike[str], suffix: str = ".tmp") -> Iterator[
     always either the old file or the complete new one.
 
     The file is created on entry (an unwritable path fails before the block runs), as ``open``
-    creates files (mode 0666 less the umask), so it can be shared where the umask allows. If
+    creates files (mode 0666 less the umask), so it can be shared where the umask allows; where
+    it replaces a file, it takes that file's permissions (one set to 0600 stays private). A
+    hard link to the old file keeps the old contents (the rename makes a new file). If
     the block raises (Ctrl-C included), the temporary file is removed.
     """
     if names_a_folder(path):
@@ -44,6 +47,10 @@ def atomic_file(path: str | os.PathLike[str], suffix: str = ".tmp") -> Iterator[
     fd, tmp = _new_temporary(folder, base, suffix)
     try:
         with os.fdopen(fd, "wb") as f:
+            # (before any byte is in it; best effort: a file system that takes no modes
+            # still gets the file; a new one's mode is as open's, from the umask)
+            with contextlib.suppress(OSError):
+                os.chmod(tmp, os.stat(path).st_mode & 0o777)
             yield f
             f.flush()
             os.fsync(f.fileno())

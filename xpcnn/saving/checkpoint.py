@@ -52,7 +52,7 @@ import numpy as np
 from .. import checks, ctrl_c, distributed
 from ..backend import PRECISIONS, DeviceLike
 from ..errors import DataFormatError, InputError, NonFiniteError, TrainingInterrupted, warn
-from ..files import remove_leftovers, written_file
+from ..files import written_file
 from ..history import EpochRecord
 from ..layers.base import RandomLayer, setting_names
 from ..totals import SCALE_RANGE
@@ -205,7 +205,6 @@ def _write_checkpoint(model: Any, path: str, progress: Progress | None,
                                      f"infinity; {kept}")
             arrays[f"slot.{name}.{k}"] = host
     write_npz_atomic(target, arrays)
-    remove_leftovers(target)
     return True
 
 

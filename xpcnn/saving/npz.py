@@ -17,6 +17,7 @@ import io
 import json
 import math
 import os
+import re
 import struct
 import warnings
 import zipfile
@@ -28,8 +29,8 @@ from typing import Any
 import numpy as np
 
 from ..checks import file_path
-from ..errors import DataFormatError
-from ..files import atomic_file
+from ..errors import DataFormatError, MissingFileError
+from ..files import atomic_file, remove_leftovers
 
 CONFIG_KEY = "__config__"
 #: The most bytes of JSON the configuration entry may hold, which the writers check too (a
@@ -89,13 +90,23 @@ class NpzArchive:
     def __init__(self, path: str | os.PathLike[str], what: str = "the file") -> None:
         self.path = file_path(path, what)
         if not os.path.isfile(self.path):
+            if not os.path.exists(self.path):
+                raise MissingFileError(f"{self.path}: no such file", self.path)
             raise DataFormatError(f"{self.path}: " + _not_a_file(self.path))
         with _format_errors(self.path):
+            with open(self.path, "rb") as f:
+                head = f.read(max(map(len, _FOREIGN_HEADS)))
+            for start, kind in _FOREIGN_HEADS.items():
+                if head.startswith(start):
+                    raise _foreign(self.path, kind)
             size = os.path.getsize(self.path)
             self._zip = zipfile.ZipFile(self.path)
         try:
             with _format_errors(self.path):
                 members = self._zip.infolist()
+            kind = _foreign_zip([info.filename for info in members])
+            if kind is not None:
+                raise _foreign(self.path, kind)
             if len(members) > MAX_ENTRIES:
                 raise DataFormatError(f"{self.path}: {len(members)} entries; not an xpcnn file")
             self.entries: dict[str, zipfile.ZipInfo] = {}
@@ -152,12 +163,42 @@ class NpzArchive:
 
 
 def _not_a_file(path: str) -> str:
-    """Why ``path``, not a regular file, cannot be read: what is there, where something is."""
+    """Why ``path``, something there that is not a regular file, cannot be read."""
     if os.path.isdir(path):
         return "is a folder, not a file; give the path of an .npz file (in it, say)"
-    if os.path.exists(path):
-        return "is not a regular file (a device or a pipe); give the path of an .npz file"
-    return "no such file"
+    return "is not a regular file (a device or a pipe); give the path of an .npz file"
+
+
+#: Other libraries' files by their first bytes: HDF5's signature (Keras' .h5 and .weights.h5
+#: files), and the pickled magic number that begins a torch.save file of PyTorch before 1.6
+#: (a later one is a zip: :func:`_foreign_zip`).
+_FOREIGN_HEADS = {b"\x89HDF\r\n\x1a\n": "hdf5",
+                  b"\x80\x02\x8a\nl\xfc\x9cF\xf9 j\xa8P\x19": "torch"}
+_TORCH_ENTRY = re.compile(r"[^/]+/data\.pkl")
+
+
+def _foreign_zip(names: list[str]) -> str | None:
+    """The kind of a zip whose entries are ``names``: "keras" for a Keras .keras file,
+    "torch" for a PyTorch torch.save file (``<name>/data.pkl``, ``<name>/data/0``, ...), None
+    for any other."""
+    if "config.json" in names and ("metadata.json" in names or "model.weights.h5" in names):
+        return "keras"
+    return "torch" if any(_TORCH_ENTRY.fullmatch(name) for name in names) else None
+
+
+def _foreign(path: str, kind: str) -> DataFormatError:
+    """The refusal of another library's file, ``kind`` as :data:`_FOREIGN_HEADS` and
+    :func:`_foreign_zip` name them, saying what it is and how to bring its weights over."""
+    what, port = {
+        "keras": ("a Keras .keras file", "load it in Keras and pass its get_weights()"),
+        "hdf5": ("an HDF5 file (Keras' .h5 / .weights.h5)",
+                 "load it in Keras and pass its get_weights()"),
+        "torch": ("a PyTorch torch.save file", "pass its tensors, in Keras' layouts (a "
+                                               "Linear's weight.T),"),
+    }[kind]
+    return DataFormatError(f"{path}: {what}; xpcnn reads only its own .npz files (those "
+                           f"save, save_weights and checkpoints write): to port the weights, "
+                           f"{port} to set_weights of an xpcnn model of the same layers")
 
 
 def _entry_key(info: zipfile.ZipInfo, archive_size: int, path: str) -> str:
@@ -214,6 +255,8 @@ def _parse_npy(data: bytes, where: str) -> np.ndarray:
 
 def write_npz_atomic(path: str | os.PathLike[str], arrays: dict[str, np.ndarray]) -> None:
     """Write an .npz so that ``path`` is always either the old file or the complete new one
-    (a symbolic link's target, the link kept: see :func:`~xpcnn.files.atomic_file`)."""
+    (a symbolic link's target, the link kept: see :func:`~xpcnn.files.atomic_file`); the
+    temporary files that killed writers of ``path`` left are removed after (each a full copy)."""
     with atomic_file(path) as f:
         np.savez(f, **arrays)
+    remove_leftovers(path)

@@ -140,7 +140,9 @@ def checkpoint_callback(checkpoint: str | os.PathLike[str] | None, every: int | 
         if not is_save_freq(every):  # (named as fit's argument, not as the callback's)
             raise InputError(f"checkpoint_every must be a positive number of steps or 'epoch', "
                              f"got {every!r}")
-        return [BackupAndRestore(checkpoint, every, resume=resume, delete_checkpoint=False)]
+        backup = BackupAndRestore(checkpoint, every, resume=resume, delete_checkpoint=False)
+        backup.what = "fit(checkpoint=...)"
+        return [backup]
     if resume:
         raise InputError("resume=True needs checkpoint=PATH, the file to resume from")
     if not (isinstance(every, str) and every == "epoch"):
