@@ -798,6 +798,19 @@ def test_two_writers_of_one_file_are_refused_before_any_write(data, tmp_path, mo
     assert model.optimizer.iterations == 0 and os.listdir(tmp_path) == []
 
 
+def test_two_writers_of_one_file_are_refused_before_a_resume_reads_it(data, tmp_path):
+    """An unbuilt model with a plain Normalization() resuming from checkpoint=p reads its
+    statistics from p before training begins: a CSVLogger's log there was read as a checkpoint
+    (a DataFormatError about the file) before the two writers were refused."""
+    path = tmp_path / "run.npz"
+    path.write_text("epoch,loss\n0,1.0\n")
+    model = xpcnn.Sequential([xpcnn.layers.Normalization(), Flatten(), Dense(3)], seed=0)
+    model.compile(optimizer=xpcnn.optim.SGD(0.1))
+    with pytest.raises(InputError, match="the CSVLogger and fit.* would both write"):
+        model.fit(*data, verbose=0, checkpoint=path, resume=True, callbacks=[CSVLogger(path)])
+    assert path.read_text() == "epoch,loss\n0,1.0\n" and not model.built
+
+
 def test_writers_of_other_files_are_taken(data, tmp_path):
     """Not refused: a template that no number fills to the checkpoint's name, and files of
     their own (a link to another folder's file: the file itself is compared)."""

@@ -231,9 +231,7 @@ class CallbackList:
         the callbacks that keep one are then converted as its writer converts them, so that one
         a checkpoint cannot hold (a set, a date) is refused now, not at the first save after an
         epoch of training; before a :class:`BackupAndRestore` (last in fit) begins, so that a
-        refused fit has resumed nothing. First of all, two writers of one file are refused
-        (:func:`check_own_files`), before any file is written or read."""
-        check_own_files(self.callbacks)
+        refused fit has resumed nothing."""
         logs = {} if logs is None else logs
         backup = next((k for k, cb in enumerate(self.callbacks)
                        if isinstance(cb, BackupAndRestore)), len(self.callbacks))

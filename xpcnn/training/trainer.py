@@ -42,6 +42,7 @@ from ..callbacks import (
     History,
     ProgbarLogger,
     callback_list,
+    check_own_files,
     stateful,
     validates,
 )
@@ -768,6 +769,7 @@ class Trainer(TrainingStep):
         bar = _progress_bar(users, verbose, "fit")
         ordered = [*(cb for cb in users if cb is not history and cb is not bar), history,
                    *([bar] if bar is not None else []), *backups]
+        check_own_files(ordered)  # (before fit reads a checkpoint's statistics: a CSV log?)
         return ordered, backups, history, bar
 
     def _statistics_from_checkpoint(self, backups: list[BackupAndRestore]) -> None:
