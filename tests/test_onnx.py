@@ -422,8 +422,24 @@ def test_an_unbuilt_model_and_a_bad_input_dtype_are_refused(tmp_path):
     with pytest.raises(InputError, match="must be built before export"):
         xpcnn.Sequential([Flatten(), Dense(3)]).export(tmp_path / "m.onnx")
     model = xpcnn.Sequential([Flatten(), Dense(3)], input_shape=(2, 2, 1))
-    with pytest.raises(InputError, match="input_dtype must be one of float32, uint8"):
-        model.export(tmp_path / "m.onnx", input_dtype="float16")
+    for wrong in ("float16", np.float16, "no dtype", True, None):
+        with pytest.raises(InputError, match="input_dtype must be one of float32, uint8, got "):
+            model.export(tmp_path / "m.onnx", input_dtype=wrong)
+    assert not os.listdir(tmp_path)
+    # (NumPy's spellings of a dtype name it too: np.uint8 was refused, np.dtype("uint8") taken)
+    x = np.arange(8, dtype=np.uint8).reshape(2, 2, 2, 1)
+    for dtype in (np.uint8, np.dtype("uint8")):
+        check_model(model, x, tmp_path, input_dtype=dtype)
+
+
+def test_a_ceiling_beyond_float32s_range_exports_as_a_plain_relu(tmp_path):
+    """ReLU(max_value=1e300) in a float64 model: the float32 graph's values never reach it, so
+    it is a Relu (was: refused as a constant beyond float32's range)."""
+    model = xpcnn.Sequential([Flatten(), Dense(3), ReLU(max_value=1e300)], input_shape=(2, 2, 1),
+                             dtype="float64", seed=0)
+    check_model(model, np.random.default_rng(0).normal(0, 3, (4, 2, 2, 1)), tmp_path)
+    ops = [n.op_type for n in onnx.load(str(tmp_path / "model.onnx")).graph.node]
+    assert "Relu" in ops and "Clip" not in ops
 
 
 def test_an_unwritable_path_is_refused_before_any_work(tmp_path, monkeypatch):

@@ -141,9 +141,14 @@ def register_converter(layer_type: str) -> Callable[[Converter], Converter]:
 def export_model(model: Any, path: str | os.PathLike[str], input_dtype: str = "float32") -> None:
     """Write ``model`` (built) to ``path`` as ONNX; see the module's docstring."""
     onnx = _import_onnx()
-    if input_dtype not in INPUT_DTYPES:
+    try:  # (np.uint8 and np.dtype("uint8") name it too, as NumPy's own dtype= arguments take)
+        named = np.dtype(input_dtype).name if not isinstance(input_dtype, bool) else None
+    except (TypeError, ValueError):
+        named = None
+    if named not in INPUT_DTYPES:
         raise InputError(f"input_dtype must be one of {', '.join(INPUT_DTYPES)}, got "
                          f"{input_dtype!r}")
+    input_dtype = named
     model._require_built("export")
     nodes, logits = graph_nodes(model)
     unknown = sorted({type(n.layer).__name__ for n in nodes} - set(CONVERTERS))
@@ -327,7 +332,8 @@ def _dense(layer: Layer, graph: GraphBuilder, inputs: list[str]) -> str:
 @register_converter("ReLU")
 def _relu(layer: Layer, graph: GraphBuilder, inputs: list[str]) -> str:
     max_value = layer.get_config()["max_value"]
-    if max_value is None:
+    # (a ceiling above float32's range, a float64 model's, clips nothing the graph computes)
+    if max_value is None or max_value >= float(np.finfo(np.float32).max):
         return graph.op("Relu", inputs)
     return graph.op("Clip", [inputs[0], graph.constant("min", 0.0),
                              graph.constant("max", max_value)])

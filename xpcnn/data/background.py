@@ -16,7 +16,7 @@ from ..errors import InputError
 from .arrays import to_device
 from .registry import ByIdentity
 
-# Batches prepared ahead by the background thread.
+# Batches kept ready by the background thread (which reads one more while they wait).
 PREFETCH = 2
 
 
