@@ -188,10 +188,9 @@ ARGUMENTS = {
     "one-hot rows with a negative value": (
         lambda m: m.fit(X, np.eye(4)[Y] * 1.5 - 0.125, verbose=0),
         "row 0 sums to 1 with a least value of -0.125"),
-    "one-hot rows of ints": (
-        lambda m: m.fit(X, np.eye(4, dtype=np.int64)[Y], verbose=0),
-        r"one-hot y must be floats \(probabilities\), got dtype int64: pass "
-        r"y.astype\('float32'\), or the class indices y.argmax\(axis=1\)"),
+    "rows of ints that are not one-hot": (
+        lambda m: m.fit(X, 2 * np.eye(4, dtype=np.int64)[Y], verbose=0),
+        r"one-hot y must hold probabilities, each row >= 0 and summing to 1; row 0 sums to 2"),
     "validation one-hot rows": (
         lambda m: m.fit(X, Y, validation_data=(X, np.eye(4)[Y] * 2), verbose=0),
         "one-hot y_val must hold probabilities"),
@@ -1512,3 +1511,24 @@ def test_a_regularizer_refusal_gives_keras_l2_strength_and_activity_has_no_equiv
                                              r"its weights, so an optimizer's weight_decay is "
                                              r"no substitute$"):
             make()
+
+
+def test_integer_and_boolean_one_hot_labels_and_boolean_data_are_taken_as_keras_takes_them(
+        model):
+    """Rows of integers or booleans (N, classes), pd.get_dummies' and np.eye(C, dtype=int)'s,
+    are one-hot labels; boolean labels are 0 and 1; boolean images are 0/1 masks, as uint8
+    (all were refused: "one-hot y must be floats", "y must be integer class labels, got dtype
+    bool", "x must hold real numbers"). Each gives the loss its float or uint8 form gives; a
+    column (N, 1) of integers stays class labels."""
+    floats = model.evaluate(X, np.eye(4, dtype=np.float32)[Y], verbose=0)
+    for rows in (np.eye(4, dtype=np.int64)[Y], np.eye(4, dtype=np.uint8)[Y],
+                 np.eye(4, dtype=bool)[Y]):
+        assert model.evaluate(X, rows, verbose=0) == floats
+    assert model.evaluate(X, Y[:, None], verbose=0) == model.evaluate(X, Y, verbose=0)
+    two = Y % 2
+    assert model.evaluate(X, two.astype(bool), verbose=0) == model.evaluate(X, two, verbose=0)
+    masks = X > 127
+    np.testing.assert_array_equal(model.predict(masks, verbose=0),
+                                  model.predict(masks.astype(np.uint8), verbose=0))
+    model.fit(masks, np.eye(4, dtype=bool)[Y], epochs=1, verbose=0)
+    assert model.optimizer.iterations == 1

@@ -259,6 +259,31 @@ def test_a_model_with_a_frozen_layer_resumes_bit_for_bit(tmp_path):
         assert np.array_equal(a, b)
 
 
+def test_a_frozen_model_with_a_layer_unfrozen_checkpoints_and_restores_its_own_flag(tmp_path):
+    """The model's own flag masks its layers' (Keras'): a model frozen whole, one layer then
+    unfrozen, trains none, so Adam has no slots; its checkpoint was written as if that layer
+    trained (a bare "zip() argument 2 is longer"), and restore_checkpoint into a model whose
+    own flag is True left it True."""
+    def make():
+        model = ckpt_train.make_model()
+        model.build((8, 8, 3))
+        model.trainable = False
+        model.layers[3].trainable = True
+        return model
+
+    path = tmp_path / "c.npz"
+    model = make()
+    interrupted(path, 13, every=1, model=model)
+    assert model.optimizer.slots["m"] == [] and model.trainable_weights == []
+    fresh = ckpt_train.make_model()  # (its own flag True)
+    restore_checkpoint(fresh, path)
+    for restored in (load_checkpoint(path).model, fresh):
+        assert restored.trainable is False and restored.layers[3].trainable is True
+        assert restored.trainable_weights == [] and restored.optimizer.slots["m"] == []
+        assert all(np.array_equal(a, b) for a, b in zip(restored.get_weights(),
+                                                        model.get_weights(), strict=True))
+
+
 class FreezeAfterEpoch1(xpcnn.callbacks.Callback):
     """Fine-tuning: the first Dense layer is frozen at the end of epoch 1."""
 

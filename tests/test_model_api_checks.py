@@ -3,6 +3,7 @@ of ``layers`` checked and refused as a whole, add() on a built model, an input d
 any layer, from_config's defaults, a frozen model's later layers, and copying a model."""
 
 import copy
+import warnings
 
 import numpy as np
 import pytest
@@ -228,18 +229,54 @@ def test_a_frozen_model_freezes_the_layers_added_later_as_keras_trains_none(how)
     assert model.trainable and all(la.trainable for la in model.layers)
 
 
-def test_a_frozen_model_with_a_layer_unfrozen_adds_trainable_layers():
-    model = xpcnn.Sequential([Flatten(), Dense(4)], trainable=False)
-    model.layers[-1].trainable = True  # (fine-tuning: the model reads trainable again)
+def test_a_frozen_model_trains_no_layer_unfrozen_after_it_as_in_keras():
+    """model.trainable = False, then a layer's flag set True: the model's own flag masks it,
+    as Keras 3's (was: model.trainable read True again, and fit trained that layer). The
+    layer's own flag reads True; trainable_weights is empty; fit changes no weight; layers
+    added meanwhile are frozen; model.trainable = True unfreezes every layer."""
+    x = np.random.default_rng(0).random((8, 2, 2, 1)).astype("float32")
+    y = np.arange(8) % 2
+    model = xpcnn.Sequential([Flatten(), Dense(4), Dense(2)], seed=0, trainable=False)
+    model.layers[-1].trainable = True
+    model.compile(optimizer="adam")
+    model.build((2, 2, 1))
+    assert not model.trainable and model.layers[-1].trainable
+    assert model.trainable_weights == [] and model.trainable_layers == []
+    assert len(model.non_trainable_weights) == 4
+    before = model.get_weights()
+    model.fit(x, y, epochs=1, verbose=0)
+    for a, b in zip(before, model.get_weights(), strict=True):
+        np.testing.assert_array_equal(a, b)
     model.add(Dense(2))
-    assert model.trainable and model.layers[-1].trainable
+    assert not model.layers[-1].trainable and not model.trainable
+    model.trainable = True
+    assert all(la.trainable for la in model.layers) and len(model.trainable_weights) == 6
+    model.fit(x, y, epochs=1, verbose=0)
+    assert not np.array_equal(before[0], model.get_weights()[0])
     empty = xpcnn.Sequential(trainable=False)
     empty.add(Dense(2))
     assert not empty.layers[0].trainable
-    assert xpcnn.Sequential().trainable is False  # (no layer trains: as it was)
+    assert xpcnn.Sequential().trainable is True  # (its own flag, as Keras')
+    every = xpcnn.Sequential([Dense(2, trainable=False)])
+    assert every.trainable and every.trainable_layers == []  # (Keras' reads True too)
     default = xpcnn.Sequential()
     default.add(Dense(2))
     assert default.layers[0].trainable
+
+
+def test_a_frozen_base_unfrozen_in_part_trains_that_part_inside_another_model_as_keras():
+    """Inside another model only that model's own flag counts, with the layers' (Keras 3
+    trains a layer of a frozen base unfrozen since); the base's own flag masks them where the
+    base itself trains, and its summary marks them frozen."""
+    base = xpcnn.Sequential([xpcnn.Input((4,)), Dense(3), Dense(3)])
+    base.trainable = False
+    base.layers[0].trainable = True
+    outer = xpcnn.Sequential([base, Dense(2)])
+    assert outer.trainable and outer.trainable_layers == [base.layers[0], outer.layers[-1]]
+    assert base.trainable_layers == [] and not base.trainable
+    lines: list[str] = []
+    base.summary(print_fn=lines.append)
+    assert "dense (Dense) frozen" in "\n".join(lines)
 
 
 def test_copying_a_model_is_refused_naming_the_ways_to_copy_one():
@@ -250,3 +287,121 @@ def test_copying_a_model_is_refused_naming_the_ways_to_copy_one():
     second = type(model).from_config(model.get_config())
     second.set_weights(model.get_weights())
     np.testing.assert_allclose(second.predict(X, verbose=0), model.predict(X, verbose=0))
+
+
+def test_a_model_frozen_as_a_whole_keeps_its_own_flag_in_files_and_configurations(tmp_path):
+    """The model's own flag, False while a layer's own is True, is written (get_config's
+    "trainable": false) and read back by from_config and load_model (was: lost, so the
+    loaded model trained that layer)."""
+    model = xpcnn.Sequential([xpcnn.Input((4,)), Dense(3), Dense(2)], trainable=False)
+    model.layers[-1].trainable = True
+    assert model.get_config()["trainable"] is False
+    model.save(tmp_path / "m.npz")
+    for copied in (xpcnn.load_model(tmp_path / "m.npz"),
+                   xpcnn.Sequential.from_config(model.get_config())):
+        assert not copied.trainable and [la.trainable for la in copied.layers] == [False, True]
+        assert copied.trainable_weights == []
+    assert "trainable" not in xpcnn.Sequential([xpcnn.Input((4,)), Dense(2)]).get_config()
+
+
+def test_images_of_another_size_name_the_build_that_keeps_the_weights():
+    """A model of convolutions and global pooling given images of another size: the error
+    says that model.build((None, 8, 8, 2)) rebuilds it keeping its weights, and it does; not
+    where a Flatten's Dense would need other weights. Input((None, None, 2)) says that inputs
+    have fixed sizes and how to take others."""
+    from xpcnn.layers import GlobalAvgPool2D
+
+    model = xpcnn.Sequential([xpcnn.Input((5, 5, 2)), Conv2D(3, 3, padding="same"),
+                              GlobalAvgPool2D(), Dense(2)])
+    big = np.ones((2, 8, 8, 2), "float32")
+    with pytest.raises(InputError, match=r"expects \(5, 5, 2\) .*: model.build\(\(None, 8, 8, "
+                                         r"2\)\) rebuilds it for these images, keeping its "
+                                         r"weights$"):
+        model.predict(big, verbose=0)
+    weights = model.get_weights()
+    assert model.input_shape == (None, 5, 5, 2)  # (the hint built nothing)
+    model.build((None, 8, 8, 2))
+    for a, b in zip(weights, model.get_weights(), strict=True):
+        np.testing.assert_array_equal(a, b)
+    assert model.predict(big, verbose=0).shape == (2, 2)
+    flat = xpcnn.Sequential([xpcnn.Input((5, 5, 2)), Conv2D(3, 3), Flatten(), Dense(2)])
+    with pytest.raises(InputError, match=r"expects \(5, 5, 2\) .*= \(2, 8, 8, 2\)$"):
+        flat.predict(big, verbose=0)
+    with pytest.raises(InputError, match=r"got \(None, None, 2\): xpcnn's inputs have fixed "
+                                         r"sizes, where Keras' None takes any; .*model.build"):
+        xpcnn.Input((None, None, 2))
+
+
+def test_summary_takes_keras_keywords_it_can_honour_and_refuses_the_others_by_name():
+    """Keras' summary(line_length=80, expand_nested=True, show_trainable=True) (was: a bare
+    TypeError): the table is line_length wide, with a Trainable column; positions and
+    layer_range are refused naming what instead, an unknown keyword naming those taken."""
+    model = xpcnn.Sequential([xpcnn.Input((4,)), Dense(3, trainable=False), Dense(2)])
+    lines: list[str] = []
+    model.summary(print_fn=lines.append, line_length=80, expand_nested=True, show_trainable=True)
+    assert lines[1] == "-" * 80 and "Trainable" in lines[2]
+    assert lines[4].rstrip().endswith("N") and lines[5].rstrip().endswith("Y")
+    with pytest.raises(InputError, match=r"summary\(positions=\[0.3, 0.6, 1.0\]\): Keras' "
+                                         r"keyword, which xpcnn's summary takes only as None: "
+                                         r"its columns"):
+        model.summary(positions=[0.3, 0.6, 1.0])
+    with pytest.raises(InputError, match=r"summary\(layer_range=.*model.get_layer\(name\)"):
+        model.summary(layer_range=["dense", "dense_1"])
+    with pytest.raises(InputError, match=r"summary\(colour=1\): summary takes print_fn, "
+                                         r"line_length"):
+        model.summary(colour=1)
+    with pytest.raises(InputError, match="summary line_length must be"):
+        model.summary(line_length=0)
+
+
+def test_build_without_a_shape_builds_for_the_input_declared():
+    """Keras' model.build() (was: a bare TypeError): for the input declared (an Input,
+    input_shape=) or built for; a model with neither is told what to pass."""
+    declared = xpcnn.Sequential([Dense(2)], input_shape=(4,))
+    declared.build()
+    assert declared.input_shape == (None, 4)
+    added = xpcnn.Sequential()
+    added.add(xpcnn.Input((4,)))
+    added.add(Dense(2))
+    weights = added.get_weights()
+    added.build()
+    np.testing.assert_array_equal(weights[0], added.get_weights()[0])
+    unknown = xpcnn.Sequential([Dense(2)])
+    with pytest.raises(InputError, match=r"build\(\) has no input shape to build for: .*pass "
+                                         r"the per-sample shape"):
+        unknown.build()
+    assert not unknown.built
+
+
+def test_compute_output_shape_neither_builds_nor_changes_the_model():
+    """Keras 3's model.compute_output_shape (was: an AttributeError): the batch axis first,
+    kept; worked out on copies for a shape the model is not built for."""
+    model = xpcnn.Sequential([Flatten(), Dense(2)])
+    assert model.compute_output_shape((None, 4)) == (None, 2) and not model.built
+    model.build((6, 6, 1))
+    weights = model.get_weights()
+    assert model.compute_output_shape((8, 6, 6, 1)) == (8, 2)
+    assert model.compute_output_shape((None, 3, 3, 1)) == (None, 2)
+    assert model.input_shape == (None, 6, 6, 1)
+    np.testing.assert_array_equal(weights[0], model.get_weights()[0])
+    with pytest.raises(InputError, match=r"compute_output_shape takes the input batch's shape, "
+                                         r"its batch axis first"):
+        model.compute_output_shape(4)
+
+
+def test_build_warns_where_a_flatten_first_takes_a_batch_size_as_part_of_each_sample():
+    """Keras' build((8, 5, 5, 1)) is a batch of 8; with a Flatten first xpcnn takes (8, 5, 5,
+    1) as each sample: it warns, naming the shapes to use; not for (None, 8, 5, 5, 1), nor a
+    declared input or the first data of that shape."""
+    model = xpcnn.Sequential([Flatten(), Dense(2)])
+    with pytest.warns(UserWarning, match=r"build\(\(8, 5, 5, 1\)\) builds it for samples of "
+                                         r"shape \(8, 5, 5, 1\).*a Flatten.*if 8 is a batch "
+                                         r"size .*\(5, 5, 1\) or \(None, 5, 5, 1\)"):
+        model.build((8, 5, 5, 1))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        xpcnn.Sequential([Flatten(), Dense(2)]).build((None, 8, 5, 5, 1))
+        declared = xpcnn.Sequential([xpcnn.Input((8, 5, 5, 1)), Flatten()])
+        declared.add(Dense(2))
+        data = xpcnn.Sequential([Flatten(), Dense(2)])
+        data.predict(np.zeros((2, 8, 5, 5, 1), "float32"), verbose=0)

@@ -53,7 +53,9 @@ def real_numbers(xp: Any, dtype: Any) -> bool:
 
 
 def as_images(x: Any, what: str = "x") -> np.ndarray:
-    """A real-valued host array with a leading batch axis and at least one sample."""
+    """A real-valued host array with a leading batch axis and at least one sample; booleans
+    (0/1 masks) are taken as the uint8 images 0 and 1 (a view, no copy), as Keras takes
+    them."""
     if hasattr(x, "__array_namespace__") and not isinstance(x, np.ndarray):
         raise InputError(f"{what} must be a NumPy array on the host (xpcnn moves each batch to "
                          f"the model's device itself), got {type(x).__name__}")
@@ -61,6 +63,8 @@ def as_images(x: Any, what: str = "x") -> np.ndarray:
         arr = np.asarray(x)
     except Exception as e:  # ragged lists and the like
         raise InputError(f"{what} must be an array of numbers: {e}") from e
+    if arr.dtype == np.bool_:
+        arr = arr.view(np.uint8)
     if not real_numbers(np, arr.dtype):
         raise InputError(f"{what} must hold real numbers (uint8 or float images), got dtype "
                          f"{arr.dtype}")
@@ -72,7 +76,13 @@ def as_images(x: Any, what: str = "x") -> np.ndarray:
     return arr
 
 
-def check_sample_shape(x: np.ndarray, expected: tuple[int, ...], what: str = "x") -> None:
+def check_sample_shape(x: np.ndarray, expected: tuple[int, ...], what: str = "x",
+                       keeps_weights: Callable[[tuple[int, ...]], bool] | None = None) -> None:
+    """``x`` has the per-sample shape ``expected``; where not, the error says what the shape
+    suggests (a missing batch axis, channels first...), or, where ``keeps_weights(sample)``
+    (the model's :meth:`~xpcnn.Model._keeps_weights_for`) says its layers keep their weights
+    built for these samples (a model of convolutions and global pooling given images of
+    another size), that ``model.build`` rebuilds it for them."""
     sample, expected = tuple(x.shape[1:]), tuple(expected)
     if sample != expected:
         hint = ""
@@ -84,6 +94,10 @@ def check_sample_shape(x: np.ndarray, expected: tuple[int, ...], what: str = "x"
         elif expected[1:] == sample:  # (Keras' model.build((32, H, W, C)): a batch of 32)
             hint = (f": was the model built with a batch size first? build takes the "
                     f"per-sample shape {sample} or {(None, *sample)}; build a new model so")
+        elif keeps_weights is not None and len(sample) == len(expected) and \
+                keeps_weights(sample):
+            hint = (f": model.build({(None, *sample)}) rebuilds it for these "
+                    f"{'images' if len(sample) == 3 else 'samples'}, keeping its weights")
         raise InputError(f"{what} has per-sample shape {sample} but the model expects "
                          f"{expected} (inputs are (N, H, W, C)); got {what}.shape = "
                          f"{x.shape}{hint}")
@@ -148,10 +162,16 @@ def warned_shape() -> Iterator[None]:
         _WARNED.reset(token)
 
 
+def shape_warned() -> bool:
+    """Whether a model is being built for a shape it gives no declared-shape warning for (see
+    :func:`warned_shape`)."""
+    return _WARNED.get()
+
+
 def declared_shape(sample: tuple[int, ...], model_name: str) -> None:
     """Model.build's warning where the shape declared (Input(shape), input_shape=, build())
     looks channels-first (not while :func:`warned_shape`)."""
-    if _WARNED.get():
+    if shape_warned():
         return
     h, w, c = sample if len(sample) == 3 else (0, 0, 0)
     warn_channels_first(sample, f"the input of model {model_name!r}",
@@ -163,9 +183,12 @@ def as_labels(y: Any, n: int, classes: int, what: str = "y", index: Any = None
     """Integer labels (N,) or one-hot/probability rows (N, classes); labels (N, 1), as
     ``keras.datasets`` gives them (or a float column, read from a CSV file), are taken as (N,)
     (a classifier has at least 2 classes, so they cannot be one-hot rows); float labels must
-    be whole numbers.
+    be whole numbers. Booleans are the integers 0 and 1, as Keras takes them; rows of
+    integers (N, classes), as ``pd.get_dummies`` and ``np.eye(classes, dtype=int)[y]`` give
+    them, are one-hot rows, taken as float32 (checked as probabilities: each a single 1).
 
-    Returns (targets as given, int64 class indices) after checking lengths and ranges. Errors
+    Returns (targets, float32 where integer rows were given, else as given; int64 class
+    indices) after checking lengths and ranges. Errors
     name the first bad label: ``what[index[i]]`` where ``y`` is a batch of a dataset's samples
     ``index`` (a shuffled batch's position would not find it), its position in ``y`` otherwise.
     """
@@ -176,9 +199,15 @@ def as_labels(y: Any, n: int, classes: int, what: str = "y", index: Any = None
         arr = np.asarray(y)
     except Exception as e:
         raise InputError(f"{what} must be an array of labels: {e}") from e
+    if arr.dtype == np.bool_:
+        arr = arr.view(np.uint8)
     integer, floating = np.issubdtype(arr.dtype, np.integer), real_floating(np, arr.dtype)
     if arr.ndim == 2 and arr.shape[1] == 1 and classes > 1 and (integer or floating):
         arr = arr[:, 0]
+    elif arr.ndim == 2 and arr.shape[1] == classes and integer:
+        # (the loss's targets are floats; 0 and 1 are exact in float32, and a row of other
+        # integers is refused below as no probabilities)
+        arr, integer, floating = arr.astype(np.float32), False, True
     check_label_layout(arr.shape, integer, floating, arr.dtype, n, classes, what)
 
     def named(i: int, kind: str) -> str:  # (the i-th of this batch, as the user finds it)

@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import inspect
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from dataclasses import dataclass
 from typing import Any
 
@@ -93,8 +93,15 @@ def Input(shape: tuple[int, ...] | list[int] | None = None, name: str | None = "
     ok = isinstance(shape, tuple | list) and all(
         isinstance(d, int | np.integer) and not isinstance(d, bool) and d > 0 for d in shape)
     if not ok or not shape:
+        # (Keras' Input((None, None, 3)), images of any size)
+        anysize = isinstance(shape, tuple | list) and any(d is None for d in shape)
         raise InputError(f"Input shape must be positive sizes such as (H, W, C) (no batch "
-                         f"axis), got {shape!r}")
+                         f"axis), got {shape!r}" + (
+                             ": xpcnn's inputs have fixed sizes, where Keras' None takes any; "
+                             "declare the size of the first data, and build the model again "
+                             "for another (model.build((None, H, W, C)), which keeps the "
+                             "weights of a model of convolutions and global pooling)"
+                             if anysize else ""))
     return SymbolicTensor(tuple(int(d) for d in shape), None,
                           checks.name("input" if name is None else name, "input name"))
 
@@ -270,6 +277,26 @@ def build(layers: list[Layer], inbound: list[Inbound], input_shape: Shape, backe
             layer.set_random_state(*stream)
 
 
+def trial_build(layers: list[Layer], inbound: list[Inbound], input_shape: Shape
+                ) -> tuple[Shape, bool]:
+    """The graph's per-sample output shape for per-sample ``input_shape``, worked out on
+    unbuilt copies of its layers built on the CPU (the layers stay as they are), and whether
+    every built layer's weights keep their shapes there (so that :func:`build` for it keeps
+    them). A layer refusing its input raises as its build does."""
+    shapes: list[Any] = [input_shape]
+    keeps = True
+    for layer, ins in zip(layers, inbound, strict=True):
+        probe = layer.unbuilt_copy()
+        with building_for(input_shape):
+            # (a fixed rng: a standalone build would draw from the stream of such builds)
+            shapes.append(probe.build(read_by(layer, ins, shapes), "cpu", "float32", None,
+                                      np.random.default_rng(0)))
+        if layer.built and not layer.provisional:
+            keeps = keeps and [probe.keras_shape(n) for n in probe.present_weight_names()] \
+                == [layer.keras_shape(n) for n in layer.present_weight_names()]
+    return shapes[-1], keeps
+
+
 def built_as(layers: list[Layer], inbound: list[Inbound], input_shape: Shape, backend: Backend,
              dtype: str, compute_dtype: str) -> bool:
     """True where every layer is still built as :func:`build` built it for ``input_shape`` (a
@@ -352,11 +379,14 @@ class Plan:
         return next((s.options for s in self.steps if s.layer is layer), DEFAULT)
 
 
-def compile_plan(layers: list[Layer], inbound: list[Inbound], drop_last: bool,
-                 logits: bool = False) -> Plan:
+def compile_plan(layers: list[Layer], inbound: list[Inbound], drop_last: bool, logits: bool,
+                 trained: Collection[Layer]) -> Plan:
     """The plan of a graph; ``drop_last`` leaves out the final layer (a Softmax left to the
     loss): the plan's result is then that layer's input; else ``logits`` has the final layer
-    leave out its softmax activation (``Options.logits``)."""
+    leave out its softmax activation (``Options.logits``). ``trained``: the layers the
+    optimiser updates, whose backward runs (the model's ``trainable_layers``: none where the
+    model itself is frozen, whatever its layers' own flags)."""
+    trains = {id(la) for la in trained}
     count = len(layers) - 1 if drop_last else len(layers)
     result = inbound[-1][0] if drop_last else len(layers)
     uses = Counter(i for ins in inbound[:count] for i in ins)
@@ -386,8 +416,8 @@ def compile_plan(layers: list[Layer], inbound: list[Inbound], drop_last: bool,
     for layer, ins, out in kept:
         need_dx.append(any(i in needs for i in ins))
         if need_dx[-1] and not layer.has_gradient and untrainable is None:
-            untrainable = _no_gradient(layers, kept, producer, len(need_dx) - 1)
-        if need_dx[-1] or (layer.trainable and layer.params):
+            untrainable = _no_gradient(layers, kept, producer, len(need_dx) - 1, trains)
+        if need_dx[-1] or id(layer) in trains:
             needs.add(out)
     # A ReLU's gradient is applied by the one layer reading its output where that layer can
     # do it in its own passes (see Options.apply_input_relu_grad).
@@ -420,7 +450,7 @@ def compile_plan(layers: list[Layer], inbound: list[Inbound], drop_last: bool,
         if checked:
             _check_pass_signatures(layer)
         # (a step whose backward never runs, before every trained layer, keeps nothing for it)
-        backward = need_dx[j] or bool(layer.trainable and layer.params)
+        backward = need_dx[j] or id(layer) in trains
         options = Options(fused_relu=j in fused, skip_relu_grad=j in skip,
                           apply_input_relu_grad=j in apply, sum_output_grads=out in gathered,
                           need_input_grad=need_dx[j], cast_input=cast_input and 0 in ins,
@@ -472,7 +502,7 @@ def _takes(layer: Layer, capability: str) -> bool:
 
 
 def _no_gradient(layers: list[Layer], kept: list[tuple[Layer, Inbound, int]],
-                 producer: dict[int, int], j: int) -> str:
+                 producer: dict[int, int], j: int, trains: set[int]) -> str:
     """Why step ``j`` of ``kept``, a layer with no gradient (``Layer.has_gradient``) that a
     layer trained before it needs one from, cannot train: found when the plan is compiled,
     refused before a training forward pass moves any statistic (its backward failed only
@@ -484,7 +514,7 @@ def _no_gradient(layers: list[Layer], kept: list[tuple[Layer, Inbound, int]],
         if slot not in producer:  # (the model's input)
             continue
         trained, reads, _ = kept[producer[slot]]
-        if trained.trainable and trained.params:
+        if id(trained) in trains:
             break
         stack.extend(reads)
     return (f"{where(layer, out - 1, layers)} has no gradient, and the trained layer "

@@ -174,7 +174,7 @@ class Model(Trainer):
             layers, inbound, self._symbolic = traced
             with _names_back_if_refused(layers):
                 self._set_graph(layers, inbound)
-                self.build(graph.input_shape_of(inputs))
+                self.build((None, *graph.input_shape_of(inputs)))
             if not trainable:
                 self.trainable = False
 
@@ -296,7 +296,7 @@ class Model(Trainer):
         if not self.built and self.layers:
             # (built at its first call, as Keras builds a Sequential, symbolic calls too: its
             # weights from its own seed, and summary, weights and save_weights work on it)
-            self.build(x.sample_shape)
+            self.build((None, *x.sample_shape))
         values = [x]
         for layer, ins in zip(self.layers, self._inbound(), strict=True):
             # (not one of the layer's inbound nodes: its output stays this model's, as in Keras)
@@ -305,17 +305,32 @@ class Model(Trainer):
         return values[-1]
 
     # -- building: every layer's weights for an input shape -------------------------------------
-    def build(self, input_shape: tuple[int | None, ...]) -> None:
+    def build(self, input_shape: tuple[int | None, ...] | None = None) -> None:
         """Create every layer's weights for per-sample ``input_shape``, e.g. (32, 32, 3), or
         the batch's, (None, 32, 32, 3), as Keras' ``build`` takes it (and
-        :attr:`input_shape` gives it). A batch size in front, (32, 32, 32, 3), is refused where
-        the model's input or first layer shows it is one (a Flatten first takes any rank)."""
+        :attr:`input_shape` gives it); None (``build()``): the input shape the model has, as
+        built or declared (an Input, ``input_shape=``), as Keras builds for its input; a model
+        with neither is refused. A batch size in front, (32, 32, 32, 3), is refused where the
+        model's input or first layer shows it is one; a Flatten first takes any rank, so there
+        a shape of 4 axes or more given without None in front warns that its first size is
+        taken as part of each sample."""
         if not self.layers:
             raise InputError("the model has no layers: " + (
                 "add() some before building it" if isinstance(self, Sequential) else
                 "an xpcnn.Model is the graph of the layers called from xpcnn.Input to its "
                 "outputs, Model(inputs, outputs) (a subclass passes them to super().__init__); "
                 "or use Sequential and add() layers"))
+        if input_shape is None:
+            input_shape = self._input_shape if self.built else getattr(
+                self, "_declared_input", None)
+            if input_shape is None:
+                raise InputError(f"model {self.name!r}.build() has no input shape to build "
+                                 "for: none was declared (xpcnn.Input, input_shape=); pass "
+                                 "the per-sample shape, model.build((32, 32, 3)), or the "
+                                 "batch's, model.build((None, 32, 32, 3))")
+            input_shape = (None, *input_shape)  # (the model's own: no batch size in front)
+        batch_first = not (isinstance(input_shape, list | tuple) and input_shape
+                           and input_shape[0] is None)
         input_shape = per_sample(input_shape)
         shape = _sample_shape(input_shape)
         known = self._input_shape if self.built else getattr(self, "_declared_input", None)
@@ -344,6 +359,15 @@ class Model(Trainer):
         if shape != getattr(self, "_shape_checked", None):  # (once: add() builds again)
             self._shape_checked = shape
             checks.declared_shape(shape, self.name)  # (Input((3, 32, 32)), PyTorch's layout)
+            if batch_first and len(shape) >= 4 and isinstance(self.layers[0], Flatten) and \
+                    not checks.shape_warned():
+                # (Keras' build((8, 5, 5, 1)) is a batch of 8: a Flatten first takes any rank,
+                # and per-sample shapes of 4 axes are rare beside images' 3)
+                warn(f"model {self.name!r}.build({tuple(input_shape)!r}) builds it for samples "
+                     f"of shape {shape}, whose first layer, a Flatten, takes any rank: if "
+                     f"{shape[0]} is a batch size (Keras' build takes the batch's shape), "
+                     f"build a new model for {shape[1:]} or {(None, *shape[1:])}; pass "
+                     f"{(None, *shape)} to say that each sample is {shape}", UserWarning)
         # (the optimiser's state stays, as in Keras: built layers keep their weights and
         # their shapes, and the next step's plan starts it afresh only where the layers it
         # trains changed, see _plan)
@@ -493,6 +517,36 @@ class Model(Trainer):
     def num_classes(self) -> int:
         return int(self.output_shape[-1])
 
+    def compute_output_shape(self, input_shape: tuple[int | None, ...]
+                             ) -> tuple[int | None, ...]:
+        """The shape of the output batch for an input batch of ``input_shape``, its batch
+        axis first (None, or a size that the output keeps), as Keras 3's:
+        ``model.compute_output_shape((None, 4))`` is ``(None, 2)``. The model is neither built
+        nor changed: a shape it is not built for is worked out on copies of its layers; a
+        layer refusing it raises as a build would."""
+        if not (isinstance(input_shape, list | tuple) and len(input_shape) > 1 and (
+                input_shape[0] is None or isinstance(input_shape[0], int | np.integer)
+                and not isinstance(input_shape[0], bool) and input_shape[0] > 0)):
+            raise InputError(f"compute_output_shape takes the input batch's shape, its batch "
+                             f"axis first (None for any size), such as (None, 32, 32, 3), got "
+                             f"{input_shape!r}")
+        if not self.layers:
+            self._require_built("compute_output_shape")  # (names what to do: add layers)
+        sample = _sample_shape(input_shape[1:])
+        batch = None if input_shape[0] is None else int(input_shape[0])
+        if self.built and sample == self._input_shape:
+            return (batch, *self._output_shape)
+        return (batch, *graph.trial_build(self.layers, self._inbound(), sample)[0])
+
+    def _keeps_weights_for(self, sample: tuple[int, ...]) -> bool:
+        """Whether building for per-sample ``sample`` would keep every layer's weights (a model
+        of convolutions and global pooling on images of another size), worked out on copies
+        of the layers: the model stays as it is."""
+        try:
+            return graph.trial_build(self.layers, self._inbound(), sample)[1]
+        except Exception:  # (a layer refusing the shape, a user's in its own way: no)
+            return False
+
     # -- the executor: forward and backward through the graph's plan ----------------------------
     def _fused_softmax(self) -> bool:
         """True when the network ends in a softmax that is left to the loss (predict applies
@@ -526,7 +580,7 @@ class Model(Trainer):
             self._planned_for, self._planned_settings = key, Layer.settings_changes
             self._plan_cache = graph.compile_plan(self.layers, self._inbound(),
                                                   self._ends_in_a_softmax_layer(),
-                                                  self._fused_softmax())
+                                                  self._fused_softmax(), key)
         return self._plan_cache
 
     def _slots_outdated(self) -> bool:
@@ -626,7 +680,8 @@ class Model(Trainer):
             raise InputError(f"layer_outputs' training must be True, False or None, got "
                              f"{training!r}")
         x = checks.as_images(x)
-        checks.check_sample_shape(x, self._input_shape)  # type: ignore[arg-type]
+        checks.check_sample_shape(x, self._input_shape,  # type: ignore[arg-type]
+                                 "x", self._keeps_weights_for)
         if not training:
             with compute_scope(self.backend):
                 return self._layer_outputs(self._to_device(x), False)
@@ -647,7 +702,8 @@ class Model(Trainer):
         arguments, with the tensors it reads (``inbound``, see :mod:`xpcnn.graph`) unless it
         reads the layer before it, and ``trainable: false`` if frozen (a user's layer: its
         class's ``module`` and ``qualname`` too, which tell two classes of one name apart);
-        ``input_name``, where ``Input(name=...)`` gave the input another name than "input"."""
+        ``input_name``, where ``Input(name=...)`` gave the input another name than "input";
+        ``trainable: false`` where the model's own flag is False (see :attr:`trainable`)."""
         layers = []
         for k, (la, ins) in enumerate(zip(self.layers, self._inbound(), strict=True)):
             # (a frozen layer's "trainable": false is the layer spec's, as files have held it:
@@ -667,6 +723,8 @@ class Model(Trainer):
             "layers": layers}
         if self._input_name != "input":  # (files of models with the default stay as they were)
             config["input_name"] = self._input_name
+        if not self._trainable:  # (the model's own flag: its layers' may be True, see trainable)
+            config["trainable"] = False
         # (a user's layer's class by module and qualified name too, as files record it: else
         # from_config(get_config()) made blocks.Gate and heads.Gate both the last Gate defined)
         record_layer_classes(config, self.layers, checked=False)
@@ -684,28 +742,55 @@ class Model(Trainer):
         model = cls(device=device, **_settings(config))
         model._input_name = checks.name(config.get("input_name", "input"), "input name")
         model._set_graph(layers, graph.inbound_of(config["layers"]))
+        _own_flag(model, config)
         return model
 
     # -- inspection -----------------------------------------------------------------------------
-    def summary(self, print_fn: Callable[[str], None] | None = None) -> None:
+    def summary(self, print_fn: Callable[[str], None] | None = None, *,
+                line_length: int | None = None, expand_nested: bool = False,
+                show_trainable: bool = False, **keras: Any) -> None:
         """Print each layer's name, type, output shape and weight count (and, in a graph, the
-        layers it reads), then the trainable and non-trainable counts, as Keras does; each
-        line goes to ``print_fn`` (``print`` when None)."""
+        layers it reads; "frozen" after a layer the model does not train), then the trainable
+        and non-trainable counts, as Keras does; each line goes to ``print_fn`` (``print``
+        when None). Keras' ``line_length`` widens the table to that many characters (its
+        columns stay as wide as their contents need); ``show_trainable=True`` adds Keras'
+        "Trainable" column (Y or N); ``expand_nested`` is taken as True or False: a nested
+        model's layers are listed one by one either way, as Keras' ``expand_nested=True``
+        lists them. Keras' ``positions`` and ``layer_range`` are refused unless None, naming
+        what to do instead."""
         if print_fn is not None and not callable(print_fn):
             raise InputError(f"summary print_fn must be a function of one line, such as print, "
                              f"or None, got {print_fn!r}")
+        for key, value in keras.items():
+            instead = _KERAS_SUMMARY.get(key)
+            if instead is None:
+                raise InputError(f"summary({key}={value!r}): summary takes print_fn, "
+                                 "line_length, expand_nested, show_trainable, and Keras' "
+                                 f"{' and '.join(_KERAS_SUMMARY)} as None")
+            if value is not None:
+                raise InputError(f"summary({key}={value!r}): Keras' keyword, which xpcnn's "
+                                 f"summary takes only as None: {instead}")
+        if line_length is not None:
+            line_length = checks.positive_int(line_length, "summary line_length")
+        checks.flag(expand_nested, "summary expand_nested")
+        show_trainable = checks.flag(show_trainable, "summary show_trainable")
         self._require_built("summary")
         self._rebuild_if_shared()
         print_fn = print if print_fn is None else print_fn
         inbound = self._inbound()
         names = [self._input_name, *(la.name for la in self.layers)]
         chain = all(ins == (k,) for k, ins in enumerate(inbound))
-        heads = ("Layer (type)", "Output shape", "Params") + (() if chain else ("Inputs",))
-        rows = [(f"{la.name} ({type(la).__name__}){'' if la.trainable else ' frozen'}",
+        heads = ("Layer (type)", "Output shape", "Params") + (() if chain else ("Inputs",)) \
+            + (("Trainable",) if show_trainable else ())
+        trained = [self._trainable and la.trainable for la in self.layers]
+        rows = [(f"{la.name} ({type(la).__name__}){'' if t else ' frozen'}",
                  str((None, *la.output_shape)), f"{la.count_params():,}")
                 + (() if chain else (", ".join(names[i] for i in ins),))
-                for la, ins in zip(self.layers, inbound, strict=True)]
+                + (("Y" if t else "N",) if show_trainable else ())
+                for la, ins, t in zip(self.layers, inbound, trained, strict=True)]
         widths = [max(len(r[i]) for r in [heads, *rows]) + 2 for i in range(len(heads))]
+        if line_length is not None and line_length > sum(widths):
+            widths[0] += line_length - sum(widths)  # (the names' column takes the rest)
         line = "-" * sum(widths)
         fmt = lambda r: "".join(c.ljust(w) for c, w in zip(r, widths, strict=True))  # noqa: E731
         named = "" if self._input_name == "input" else f'"{self._input_name}" '
@@ -778,16 +863,21 @@ class Model(Trainer):
 
     @property
     def trainable(self) -> bool:
-        """False when every layer is frozen. Setting it freezes (or unfreezes) every layer, as
-        Keras does: ``base.trainable = False`` on a model used inside another fine-tunes the
-        rest. A model frozen so (or made with ``trainable=False``) freezes the layers added to
-        it later (add(), a change of ``layers``) while none of its layers is unfrozen: Keras'
-        frozen model trains none of them either."""
-        return any(la.trainable for la in self.layers)
+        """The model's own flag, as Keras': while it is False the model trains none of its
+        layers, whatever their own flags (``model.trainable = False`` then
+        ``model.layers[-1].trainable = True`` trains nothing, and ``trainable_weights`` is
+        empty). Setting it sets every layer's flag too, as Keras does: True unfreezes them
+        all, and ``base.trainable = False`` on a model used inside another fine-tunes the
+        rest. Inside that other model, only its own flag and the layers' count: a layer of
+        the frozen base unfrozen since trains there, as in Keras. A frozen model (or one
+        made with ``trainable=False``) freezes the layers added to it later (add(), a change
+        of ``layers``). A model whose layers are all frozen one by one reads True, as in
+        Keras, and trains none of them."""
+        return self._trainable
 
     def _frozen(self) -> bool:
         """Whether a layer added now is frozen (see :attr:`trainable`)."""
-        return not self._trainable and not self.trainable
+        return not self._trainable
 
     @trainable.setter
     def trainable(self, value: bool) -> None:
@@ -795,11 +885,16 @@ class Model(Trainer):
         for la in self.layers:
             la.trainable = value
         self._trainable = value
+        # (listed again: no layer's flag may have changed, yet the layers trained have)
+        self._trained_at = None
 
     @property
     def trainable_layers(self) -> list[Layer]:
-        """The layers the optimiser updates: those with parameters not frozen
-        (``layer.trainable = False``), in weight order."""
+        """The layers the optimiser updates, in weight order: those with parameters not
+        frozen (``layer.trainable = False``); none while the model's own flag is False (see
+        :attr:`trainable`)."""
+        if not self._trainable:
+            return []
         return [la for la in self.layers if la.trainable and la.params]
 
     def _trained(self) -> tuple[Layer, ...]:
@@ -831,13 +926,18 @@ class Model(Trainer):
 
     @property
     def trainable_weights(self) -> list[Weight]:
-        """The weights the optimiser updates: parameters of the layers not frozen."""
+        """The weights the optimiser updates: parameters of the layers not frozen; none while
+        the model's own flag is False (see :attr:`trainable`), as in Keras."""
+        if not self._trainable:
+            return []
         return [w for w in self.weights if w.trainable]
 
     @property
     def non_trainable_weights(self) -> list[Weight]:
         """The other weights: frozen layers' parameters, and state (BatchNorm's moving
-        statistics)."""
+        statistics); every weight while the model's own flag is False, as in Keras."""
+        if not self._trainable:
+            return self.weights
         return [w for w in self.weights if not w.trainable]
 
     def set_weights(self, weights: list[Any]) -> None:
@@ -984,7 +1084,7 @@ class Sequential(Model):
                 self._add(layer)
             input_shape = input_shape if input_shape is not None else self._declared_input
             if input_shape is not None and self.layers:
-                self.build(_sample_shape(input_shape))  # (per sample, as Keras' argument)
+                self.build((None, *_sample_shape(input_shape)))  # (per sample, as Keras')
             elif input_shape is not None:  # (no layers yet: declared, as add(Input) does)
                 self._declared_input = _sample_shape(input_shape)
         if not trainable:  # (the layers given, and those added later: see trainable)
@@ -1026,12 +1126,12 @@ class Sequential(Model):
             shape = self._declared_input
         if shape is not None:
             try:
-                self.build(shape)
+                self.build((None, *shape))
             except BaseException:  # (refused as a whole: the model as it was)
                 list.__delitem__(self.layers, slice(held, None))
                 self.built, self._declared_input = False, declared
                 if held:
-                    self.build(shape)
+                    self.build((None, *shape))
                 raise
         if frozen:  # (a frozen model's new layers are frozen: see trainable)
             for la in self.layers[held:]:
@@ -1110,7 +1210,7 @@ class Sequential(Model):
                                     self.seed)
                 shape = self.layers[at - 1].output_shape if at else self._input_shape
                 built.append((base, base._symbolic, _attributes(list(base.layers))))
-                base.build(shape)
+                base.build((None, *shape))
             super()._build_layers()
         except BaseException:
             for base, symbolic, attributes in reversed(built):
@@ -1128,7 +1228,7 @@ class Sequential(Model):
         if shape is not None and self.layers:
             # (the optimiser's state kept: the next step's plan starts it afresh only where the
             # trained layers changed, as after a freeze)
-            self.build(shape)
+            self.build((None, *shape))
         elif shape is not None:  # (emptied: its input kept, as Keras keeps its InputLayer, and
             self._declared_input = shape  # the next add() builds for it)
 
@@ -1149,13 +1249,30 @@ class Sequential(Model):
             return _from_config(cls, config, device)
         model = cls(layers, device=device, **_settings(config))
         model._input_name = checks.name(config.get("input_name", "input"), "input name")
+        _own_flag(model, config)
         return model
+
+
+#: Keras 3's summary keywords that xpcnn's summary takes only as None: what to do instead
+_KERAS_SUMMARY = {
+    "positions": "its columns are as wide as their contents need; line_length= widens the "
+                 "table",
+    "layer_range": "the summary lists every layer; model.get_layer(name) gives one, with its "
+                   "output_shape and count_params()",
+}
 
 
 def _settings(config: dict[str, Any]) -> dict[str, Any]:
     """The constructor's arguments a model's configuration gives: one left out takes the
     constructor's default, as in Keras (a hand-written configuration; the layers it needs)."""
     return {key: config[key] for key in ("seed", "dtype", "name") if config.get(key) is not None}
+
+
+def _own_flag(model: Model, config: dict[str, Any]) -> None:
+    """The model's own ``trainable`` flag from its configuration (written only where False),
+    its layers' flags left as the configuration gives them (see :attr:`Model.trainable`)."""
+    model._trainable = checks.flag(config.get("trainable", True), "the model's trainable")
+    model._trained_at = None
 
 
 def _from_config(cls: type[Model], config: Any, device: DeviceLike) -> Any:

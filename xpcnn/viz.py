@@ -188,7 +188,7 @@ def _ready_model(model: Any, sample_shape: tuple[int, ...]) -> Model:
     if not model.layers:
         raise InputError("the model has no layers to show")
     if not model.built:
-        model.build(sample_shape)
+        model.build((None, *sample_shape))  # (per sample: no batch size in front)
     return model
 
 

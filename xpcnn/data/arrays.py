@@ -161,12 +161,16 @@ def check_on_device(x: Any, backend: Any, what: str = "x", instead: str = "a Num
 def check_device_images(x: Any, backend: Any, what: str = "x",
                         limit: tuple[str, float] | None = None) -> Any:
     """A device array of the model's namespace and device with a batch axis, real values
-    (finite, and within ``limit`` where given: see :func:`checks.check_finite`)."""
+    (finite, and within ``limit`` where given: see :func:`checks.check_finite`); booleans
+    (0/1 masks) are returned as uint8, as :func:`checks.as_images` takes host ones."""
     xp = backend.xp
     check_on_device(x, backend, what)
     if x.ndim < 2 or x.shape[0] == 0:
         raise InputError(f"{what} must have a batch axis and per-sample axes, e.g. (N, H, W, C), "
                          f"and at least one sample; got shape {tuple(x.shape)}")
+    if x.dtype == xp.bool:
+        with backend.on_device():
+            x = xp.astype(x, xp.uint8)
     check_real_images(x, xp, what)
     floating = checks.real_floating(xp, x.dtype)
     largest = checks.largest_value(xp, x.dtype)
@@ -389,12 +393,14 @@ def check_arrays(model: Any, x: Any, y: Any = None, what: str = "x", index: Any 
         x = check_device_images(x, model.backend, what, limit)
     elif isinstance(x, np.memmap):
         checks.as_images(x, what)  # (checked; the memory map stays one, read batch by batch)
+        if x.dtype == np.bool_:  # (0/1 masks read as uint8, as as_images takes them)
+            x = x.view(np.uint8)
     else:
         x = checks.as_images(x, what)
     if not model.built:
         build_for(model, tuple(x.shape[1:]), what)
     x = with_channel_axis(x, model)
-    checks.check_sample_shape(x, model._input_shape, what)
+    checks.check_sample_shape(x, model._input_shape, what, model._keeps_weights_for)
     if isinstance(x, np.ndarray):
         checks.check_finite(x, what, index, limit)
     if y is not None or model._fused_softmax():

@@ -316,9 +316,10 @@ def _json_value(value: Any, name: str, key: str, path: list[Any],
 
 def _slot_owners(model: Any, trainable: list[bool] | None = None) -> list[tuple[Any, str]]:
     """(layer, weight name) of each optimiser slot, in slot order: the trainable parameters
-    (of the layers ``trainable`` names, one flag a layer, where given)."""
+    (of the layers ``trainable`` names, one flag a layer, where given; else of those the model
+    trains: none while its own flag is False, whatever theirs)."""
     if trainable is None:
-        trainable = [la.trainable for la in model.layers]
+        trainable = [model.trainable and la.trainable for la in model.layers]
     return [(la, k) for la, t in zip(model.layers, trainable, strict=True) if t
             for k in la.params]
 
@@ -524,7 +525,9 @@ def _restore(model: Any, config: dict[str, Any], npz: NpzArchive) -> Checkpoint:
     # come back with the slots, which are theirs, so that the run goes on as it would have.
     # (The layers were checked against the model's already.)
     trainable = [spec.get("trainable", True) is not False for spec in config["model"]["layers"]]
-    slots = _read_slots(model, config, ostate, npz, _slot_owners(model, trainable))
+    own = config["model"].get("trainable", True) is not False  # (the model's own flag)
+    slots = _read_slots(model, config, ostate, npz,
+                        _slot_owners(model, [own and t for t in trainable]))
     loss_scale, good_steps = _loss_scale(model, config, path)
     counters = _random_counters(model, config, path)
     progress = read_progress(config.get("progress"), path)
@@ -549,6 +552,7 @@ def _restore(model: Any, config: dict[str, Any], npz: NpzArchive) -> Checkpoint:
         raise
     for la, t in zip(model.layers, trainable, strict=True):
         la.trainable = t
+    model._trainable, model._trained_at = own, None
     model._restore_training_state(
         iterations=iterations, lr_factor=lr_factor, slots=slots, applied=applied,
         loss_scale=loss_scale, good_steps=good_steps, epoch_offset=offset,
