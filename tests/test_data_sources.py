@@ -397,6 +397,87 @@ def test_a_dataset_of_whole_batches_is_named_with_the_way_to_pass_one(data):
     assert_same_weights(model, expected)
 
 
+class PyDataset(BatchSequence):
+    """Keras 3's keras.utils.PyDataset as xpcnn tells it, by its name and library (Keras is
+    not needed): a subclass's len() counts batches, [i] is a whole batch. Records the calls."""
+
+    def __init__(self, x, y=None, batch=BATCH):
+        super().__init__(x, y)
+        self.batch, self.calls = batch, []
+
+    def __len__(self):
+        return -(-len(self.x) // self.batch)
+
+    def __getitem__(self, i):
+        self.calls.append(i)
+        part = slice(i * self.batch, (i + 1) * self.batch)
+        if self.y is None:
+            return self.x[part]
+        return self.x[part], self.y[part]
+
+    def on_epoch_begin(self):
+        self.calls.append("begin")
+        if hasattr(self, "kept"):
+            self.x[...] = self.kept
+
+    def on_epoch_end(self):
+        # (the images changed in place until the next epoch begins: the pass's batches, its
+        # last one too, must have been copied when they were read)
+        self.calls.append("end")
+        self.kept = self.x.copy()
+        self.x[...] = 0
+
+
+PyDataset.__module__ = "keras.src.trainers.data_adapters.py_dataset_adapter"
+
+
+@pytest.mark.parametrize("batch", [BATCH, 1, N])
+def test_a_keras_pydataset_is_read_as_batches_with_its_epoch_hooks(data, batch):
+    """A Keras PyDataset (len() counts batches) was read as a dataset of samples: refused, and
+    one of batches of 1 built the model for samples (1, H, W, C), silently. Read as Keras 3
+    reads it: its batches in order (shuffle=False), trained on as the arrays, each epoch
+    between its on_epoch_begin and on_epoch_end (after the pass's last batch was read: an
+    in-place change there changes no batch)."""
+    x, y = data
+    model, expected = make(), make()
+    dataset = PyDataset(x.copy(), y, batch)
+    history = model.fit(dataset, epochs=2, shuffle=False, verbose=0)
+    reference = expected.fit(x, y, epochs=2, batch_size=batch, shuffle=False, verbose=0)
+    assert model.input_shape == (None, *x.shape[1:])
+    assert_same_weights(model, expected)
+    assert history.history["loss"] == reference.history["loss"]
+    passes = ["begin", *range(len(dataset)), "end"]
+    assert dataset.calls == passes * 2
+
+
+def test_a_keras_pydatasets_batch_order_is_shuffled_by_fits_seed(data):
+    """fit's shuffle shuffles the batches' order each epoch (as Keras 3's PyDatasetAdapter;
+    here by fit's seed: two fits of one seed read alike, another seed otherwise);
+    steps_per_epoch fewer than its batches cuts each epoch, on_epoch_end still run; steps
+    beyond them end the epoch short, as a DataLoader's; evaluate and predict read it in
+    order; y beside it is refused."""
+    x, y = data
+    x, y = np.concatenate([x] * 3), np.concatenate([y] * 3)  # (9 batches)
+    orders = []
+    for seed in (0, 0, 1):
+        dataset = PyDataset(x.copy(), y)
+        make().fit(dataset, epochs=2, seed=seed, verbose=0)
+        orders.append(dataset.calls)
+    assert orders[0] == orders[1] != orders[2]
+    first, second = orders[0][1:10], orders[0][12:21]
+    assert sorted(first) == sorted(second) == list(range(9)) and first != second
+    dataset = PyDataset(x.copy(), y)
+    make().fit(dataset, epochs=2, steps_per_epoch=4, shuffle=False, verbose=0)
+    assert dataset.calls == ["begin", 0, 1, 2, 3, "end"] * 2
+    with pytest.warns(RuntimeWarning, match="gave 9 of its 11 batches"):
+        make().fit(PyDataset(x.copy(), y), steps_per_epoch=11, verbose=0)
+    model = make()
+    np.testing.assert_array_equal(model.predict(PyDataset(x.copy())), model.predict(x))
+    assert model.evaluate(PyDataset(x.copy(), y)) == model.evaluate(x, y, batch_size=BATCH)
+    with pytest.raises(InputError, match="y must be None when x is a dataset"):
+        make().fit(PyDataset(x, y), y, verbose=0)
+
+
 # -- (x,) items, as PyTorch's TensorDataset(x) gives them -------------------------------------
 
 

@@ -4,7 +4,7 @@
   :func:`adopt_foreign` (another library's array read without a copy), :func:`owned` (a copy
   of its own), :func:`to_device`;
 * what kind of source ``x`` is: :func:`is_stream`, :func:`is_map_dataset`,
-  :func:`is_iterable_dataset`, :func:`counted_batches`;
+  :func:`is_keras_dataset`, :func:`is_iterable_dataset`, :func:`counted_batches`;
 * device and image checks: :func:`check_on_device`, :func:`check_device_images`,
   :func:`input_limit`, :func:`check_real_images`;
 * argument checks: :func:`check_source` (the arguments that name a source, before one is
@@ -104,14 +104,27 @@ def is_stream(x: Any) -> bool:
     """A dataset or an iterable of batches, as opposed to arrays (lists and tuples are arrays)."""
     if array_api_compat.is_array_api_obj(x) or isinstance(x, list | tuple | str | bytes):
         return False
-    return isinstance(x, Iterable) or is_map_dataset(x)
+    return isinstance(x, Iterable) or is_map_dataset(x) or is_keras_dataset(x)
 
 
 def is_map_dataset(x: Any) -> bool:
     """``__len__`` and ``__getitem__``: batched and shuffled by xpcnn (not an iterator, nor a
-    PyTorch ``IterableDataset``)."""
+    PyTorch ``IterableDataset``, nor a Keras ``PyDataset``, whose items are batches)."""
     return hasattr(x, "__len__") and hasattr(x, "__getitem__") and not isinstance(x, Iterator) \
-        and not is_iterable_dataset(x)
+        and not is_iterable_dataset(x) and not is_keras_dataset(x)
+
+
+#: The libraries whose ``PyDataset`` or ``Sequence`` is a dataset of batches (Keras 3's
+#: ``keras.utils.PyDataset``, also its ``Sequence``; Keras 2's and tf.keras' ``Sequence``).
+_KERAS_LIBRARIES = ("keras", "tf_keras", "tensorflow")
+
+
+def is_keras_dataset(x: Any) -> bool:
+    """A Keras ``PyDataset`` (or ``Sequence``): ``len()`` counts its batches and ``[i]`` is
+    the i-th batch, read by :class:`~xpcnn.data.streams.KerasDatasetPasses`. Told by its
+    class's name and library, Keras not imported (a user's subclass of it, whatever its name)."""
+    return any(c.__name__ in ("PyDataset", "Sequence")
+               and c.__module__.partition(".")[0] in _KERAS_LIBRARIES for c in type(x).__mro__)
 
 
 def is_iterable_dataset(x: Any) -> bool:
@@ -124,10 +137,13 @@ def is_iterable_dataset(x: Any) -> bool:
 
 def counted_batches(data: Any) -> int | None:
     """The batches a pass of ``data`` gives where its ``len()`` counts them, as Keras 3 takes
-    it: a PyTorch ``DataLoader`` over a map-style dataset (its sampler's batches). None for
+    it: a PyTorch ``DataLoader`` over a map-style dataset (its sampler's batches), a Keras
+    ``PyDataset``'s passes (:class:`~xpcnn.data.streams.KerasDatasetPasses`). None for
     any other iterable: a ``DataLoader`` over an ``IterableDataset`` (whose ``len()`` PyTorch
     itself warns may be wrong), or a user's class (whose ``len()`` may count samples): a pass
     shorter than the steps would stop training (``Trainer._fit_epoch``)."""
+    if getattr(data, "counts_batches", False):  # (a Keras PyDataset's passes)
+        return len(data)
     torch_data = sys.modules.get("torch.utils.data")  # (an instance means it is loaded)
     if torch_data is None or not isinstance(data, torch_data.DataLoader) or \
             is_iterable_dataset(data.dataset):

@@ -413,10 +413,11 @@ class DatasetBatches(ShardedBatches):
                             "one number", "w_i")
 
     def _refuse_a_batch(self, i: int, x: Any, y: Any) -> None:
-        """Refuse ``dataset[i]`` where it is a whole batch (a Keras Sequence's or PyDataset's
-        habit, whose len() counts batches): its x is a batch of the model's samples, or before
-        the model is built, a batch of images (H, W, C) with as many labels, or of greyscale
-        images (H, W) with as many integer labels."""
+        """Refuse ``dataset[i]`` where it is a whole batch (a dataset made like a Keras
+        PyDataset, whose len() counts batches, but no subclass of it: those are read as
+        batches, :func:`~xpcnn.data.arrays.is_keras_dataset`): its x is a batch of the model's
+        samples, or before the model is built, a batch of images (H, W, C) with as many labels,
+        or of greyscale images (H, W) with as many integer labels."""
         shape = tuple(np.shape(x))
         if self.model.built:
             batch = shape[1:] == tuple(self.model._input_shape)
@@ -429,10 +430,10 @@ class DatasetBatches(ShardedBatches):
             raise InputError(
                 f"{self.what}[{i}] is a batch of {shape[0]} samples (x of shape {shape}), not "
                 f"one sample: xpcnn reads a map-style dataset (len() and [i]) one sample an "
-                f"index, and batches it itself. Pass a source of whole batches (a Keras "
-                f"Sequence or PyDataset) as an iterator of them, with steps_per_epoch="
-                f"len(ds) (steps= for evaluate and predict): (ds[i % len(ds)] for i in "
-                f"itertools.count())")
+                f"index, and batches it itself (a subclass of Keras' PyDataset is read as "
+                f"batches). Pass a source of whole batches as an iterator of them, with "
+                f"steps_per_epoch=len(ds) (steps= for evaluate and predict): (ds[i % len(ds)] "
+                f"for i in itertools.count())")
 
     def _stack(self, parts: Sequence[Any], which: str) -> Any:
         """Samples stacked into a batch: on the device where they are arrays of the model's

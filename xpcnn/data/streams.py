@@ -34,7 +34,52 @@ from .arrays import (
     split_item,
 )
 from .background import left_reader, prefetch, stop_wait_seconds, upload, wait_for_reader
-from .sources import Batches
+from .sources import Batches, epoch_order
+
+
+class KerasDatasetPasses:
+    """A Keras ``PyDataset`` (or ``Sequence``) as a re-iterable of its batches, read as Keras 3
+    reads it: each pass (an epoch) calls its ``on_epoch_begin``, gives ``dataset[i]`` for i in
+    range(len(dataset)), in a shuffled order where ``shuffle`` (fit's: Keras shuffles the
+    batches' order, not their samples; here reproducibly, by fit's seed and the pass's number
+    in this fit), and calls its ``on_epoch_end``. ``steps`` (fit's ``steps_per_epoch``) fewer
+    than its batches cut each pass there, so that ``on_epoch_end`` still ends it. Its
+    ``workers``, ``use_multiprocessing`` and ``max_queue_size`` are not used: xpcnn reads it on
+    its background thread, as any source."""
+
+    counts_batches = True  # (its len(), the batches of a pass: counted_batches)
+
+    def __init__(self, dataset: Any, shuffle: bool = False, seed: int = 0,
+                 steps: int | None = None) -> None:
+        try:
+            batches = len(dataset)
+        except Exception as e:  # (a PyDataset of no length: Keras' endless one)
+            raise InputError(f"a Keras PyDataset without a len() (num_batches None, endless) is "
+                             f"not taken: give it __len__, or pass iter(dataset[i] for i in "
+                             f"itertools.count()) with steps_per_epoch ({e!r})") from None
+        self.dataset, self.shuffle, self.seed, self.passes = dataset, shuffle, seed, 0
+        self.batches = batches if steps is None else min(batches, steps)
+
+    def __len__(self) -> int:
+        return self.batches
+
+    def __iter__(self) -> Iterator[Any]:
+        order = epoch_order(self.shuffle, self.seed, self.passes, len(self.dataset))
+        self.passes += 1
+        return self._pass(range(self.batches) if order is None else order[:self.batches])
+
+    def _pass(self, order: Iterable[int]) -> Iterator[Any]:
+        self._hook("on_epoch_begin")
+        for i in order:
+            yield self.dataset[int(i)]
+        # (the last batch read and copied by the reader by now: a hook that shuffles the
+        # dataset's arrays in place changes no batch read)
+        self._hook("on_epoch_end")
+
+    def _hook(self, name: str) -> None:
+        hook = getattr(self.dataset, name, None)
+        if callable(hook):
+            hook()
 
 
 class IterableBatches(Batches):

@@ -52,12 +52,13 @@ from ..data.arrays import (
     check_on_device,
     check_sample_weights,
     check_source,
+    is_keras_dataset,
     is_map_dataset,
     is_stream,
     unpack_x_y,
 )
 from ..data.sources import ArrayBatches, Batches, DatasetBatches, unpack
-from ..data.streams import IterableBatches, prune_streams, step_ran
+from ..data.streams import IterableBatches, KerasDatasetPasses, prune_streams, step_ran
 from ..errors import InputError, NonFiniteError, warn
 from ..layers.base import Layer
 from ..layers.preprocessing import Normalization
@@ -562,6 +563,10 @@ class Trainer(TrainingStep):
         if is_stream(x):
             if is_map_dataset(x):
                 return DatasetBatches(self, x, batch_size, shuffle, seed, targets, what, shard)
+            if is_keras_dataset(x):
+                # (steps beyond its batches stay the source's, whose short pass stops fit)
+                passes = KerasDatasetPasses(x, shuffle, seed, steps)
+                x, steps = passes, None if steps is None or steps <= len(passes) else steps
             return IterableBatches(self, x, steps, targets, what)
         x, t = (x, y) if checked else check_arrays(self, x, y, what)
         if weights is not None and not checked:
