@@ -1532,3 +1532,8 @@ def test_integer_and_boolean_one_hot_labels_and_boolean_data_are_taken_as_keras_
                                   model.predict(masks.astype(np.uint8), verbose=0))
     model.fit(masks, np.eye(4, dtype=bool)[Y], epochs=1, verbose=0)
     assert model.optimizer.iterations == 1
+    # (device masks, array_api_strict's standing for CuPy's: cast on the device)
+    strict = xpcnn.Sequential(four_class_net(), seed=1, device=xs)
+    host = xpcnn.Sequential(four_class_net(), seed=1)
+    np.testing.assert_allclose(np.asarray(strict.predict(xs.asarray(masks), verbose=0)),
+                               host.predict(masks.astype(np.uint8), verbose=0), rtol=1e-6)
