@@ -757,7 +757,7 @@ def test_train_step_never_trains_on_one_hot_rows_that_are_no_probabilities(model
     (Y[:4].reshape(4, 1), r"y must be integer labels of shape \(4,\) or one-hot rows of shape "
                           r"\(4, 4\); got shape \(4, 1\)"),  # (was: broadcast, silently)
     (np.eye(5)[Y[:4]], r"got shape \(4, 5\)"),
-    (Y[:4] > 1, r"y must be integer class labels, got dtype bool"),
+    (Y[:4] * 1j, r"y must be integer class labels, got dtype complex128"),
     (Y[:4] * 1.0, r"y must be integer class labels, got dtype float64"),
 ])
 def test_train_step_refuses_labels_of_the_wrong_shape_or_dtype_at_once(model, labels, message):
@@ -1532,6 +1532,22 @@ def test_integer_and_boolean_one_hot_labels_and_boolean_data_are_taken_as_keras_
                                   model.predict(masks.astype(np.uint8), verbose=0))
     model.fit(masks, np.eye(4, dtype=bool)[Y], epochs=1, verbose=0)
     assert model.optimizer.iterations == 1
+    # (train_step, on the model's own arrays, takes them as fit does: cast on the device)
+    stepped, reference = (xpcnn.Sequential(four_class_net(), seed=1) for _ in range(2))
+    for m in (stepped, reference):
+        m.compile(optimizer=optim.SGD(0.1))
+        m.build(X.shape[1:])
+    stepped.train_step(masks, np.eye(4, dtype=np.int64)[Y])
+    stepped.train_step(masks, np.eye(4, dtype=bool)[Y])
+    reference.train_step(masks.astype(np.uint8), np.eye(4, dtype=np.float32)[Y])
+    reference.train_step(masks.astype(np.uint8), np.eye(4, dtype=np.float32)[Y])
+    for a, b in zip(stepped.get_weights(), reference.get_weights(), strict=True):
+        np.testing.assert_array_equal(a, b)
+    two_class = xpcnn.Sequential([*four_class_net()[:-2], Dense(2), Softmax()], seed=1)
+    two_class.compile(optimizer=optim.SGD(0.1))
+    two_class.build(X.shape[1:])
+    loss, correct = two_class.train_step(X, two.astype(bool))  # (boolean labels: 0 and 1)
+    assert np.isfinite(float(loss))
     # (device masks, array_api_strict's standing for CuPy's: cast on the device)
     strict = xpcnn.Sequential(four_class_net(), seed=1, device=xs)
     host = xpcnn.Sequential(four_class_net(), seed=1)

@@ -156,9 +156,11 @@ class TrainingStep(_Network):
     @_in_one_thread("train_step", nested=True)
     def train_step(self, xb: Any, yb: Any, sample_weight: Any = None) -> tuple[Any, Any]:
         """One forward, backward and update on a batch of device arrays, queued without waiting
-        for the device: ``xb`` images (uint8 or float: cast on the device), ``yb`` integer
-        labels (N,) or one-hot rows (N, classes), ``sample_weight`` None or each sample's
-        weight in the loss (N,) (inside ``fit``, its ``class_weight`` weighs the loss too).
+        for the device: ``xb`` images (uint8 or float: cast on the device; booleans as 0/1),
+        ``yb`` integer labels (N,) or one-hot rows (N, classes) (booleans as 0/1; rows of
+        integers or booleans cast to floats on the device, as fit takes them),
+        ``sample_weight`` None or each sample's weight in the loss (N,) (inside ``fit``, its
+        ``class_weight`` weighs the loss too).
         ``fit`` runs each of its steps through a
         ``train_step`` that a subclass or the model itself overrides, as Keras does; else it
         runs the same step without these checks, which its batches passed when it made them.
@@ -177,7 +179,7 @@ class TrainingStep(_Network):
         the weights: one below 0 or not finite makes the step's loss NaN (skipped), and
         :class:`InputError` names ``sample_weight``, as fit refuses it.
         """
-        self._check_step_batch(xb, yb)
+        xb, yb = self._check_step_batch(xb, yb)
         if sample_weight is not None:
             self._check_step_weights(xb, sample_weight)
         with compute_scope(self.backend):
@@ -328,11 +330,13 @@ class TrainingStep(_Network):
         return self._returned(self._logs_of([float(loss), float(correct) / n,
                                               *(t / n for t in tops)]), return_dict)
 
-    def _check_step_batch(self, xb: Any, yb: Any) -> None:
+    def _check_step_batch(self, xb: Any, yb: Any) -> tuple[Any, Any]:
         """What :meth:`train_step` checks on the host, from the arrays' shapes and dtypes
         alone: the model compiled and built, both arrays on its device, at least one image (on
         one process) of its sample shape, labels of the batch's length (integers only: fit
-        turns whole-number floats into them on the host)."""
+        turns whole-number floats into them on the host). Returns the two arrays as the step
+        takes them: booleans as uint8, integer rows (N, classes) as floats, cast on the device
+        (as fit casts them on the host)."""
         self._require_compiled("train_step")
         self._require_built("train_step")
         self._check_loss_outputs(self.loss)  # type: ignore[arg-type]
@@ -343,12 +347,18 @@ class TrainingStep(_Network):
             raise InputError(f"x is empty: a training step needs at least one sample; got "
                              f"x.shape = {tuple(xb.shape)}")
         xp = self.backend.xp
+        with self.backend.on_device():
+            xb, yb = (xp.astype(a, xp.uint8) if a.dtype == xp.bool else a for a in (xb, yb))
+            if yb.ndim == 2 and tuple(yb.shape)[1] == self.num_classes and \
+                    xp.isdtype(yb.dtype, "integral"):
+                yb = xp.astype(yb, self._param_dtype)
         check_real_images(xb, xp)
         floating = checks.real_floating(xp, yb.dtype)  # (bfloat16 included)
         checks.check_label_layout(tuple(yb.shape),
                                   not floating and checks.real_numbers(xp, yb.dtype),
                                   yb.ndim == 2 and floating, yb.dtype, int(xb.shape[0]),
                                   self.num_classes)
+        return xb, yb
 
     def _check_step_weights(self, xb: Any, weights: Any) -> None:
         """:meth:`train_step`'s ``sample_weight``, from its shape and dtype: floats on the
