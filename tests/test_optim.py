@@ -525,10 +525,20 @@ def test_adam_state_overflowing_to_infinity_is_caught_at_its_step(rng):
     x[4:] = 1e30  # the fourth step's batch
     message = (r"training stopped at step 4: the gradient of layer 'dense' \(kernel\) is so "
                r"large that its squares overflow, and the optimiser's state would become "
-               r"infinite; nothing was updated from that step on")
+               r"infinite; nothing was updated from that step on \(a learning rate too large "
+               r"for the steps before it\? are the inputs scaled\? a Rescaling or "
+               r"Normalization layer brings them to a small range\)$")
     with np.errstate(over="ignore"), pytest.raises(NonFiniteError, match=message):
         model.fit(x, y, batch_size=4, verbose=0, shuffle=False)
     assert model.optimizer.iterations == 3
+    # (a model that scales its inputs is not told to: the learning rate alone is named)
+    scaled = xpcnn.Sequential([xpcnn.layers.Rescaling(1.0), Flatten(), Dense(3), Softmax()],
+                              seed=0)
+    scaled.compile(optimizer="adam")
+    with np.errstate(over="ignore"), pytest.raises(
+            NonFiniteError, match=r"from that step on \(a learning rate too large for the steps "
+                                  r"before it\?\)$"):
+        scaled.fit(x, y, batch_size=4, verbose=0, shuffle=False)
     assert all(np.isfinite(model.backend.to_numpy(v)).all() for v in model.optimizer.slots["v"])
     after = model.get_weights()
     assert not all(np.array_equal(a, b) for a, b in zip(before, after, strict=True))  # step 3

@@ -665,11 +665,15 @@ class TrainingStep(_Network):
                                  f"backpropagation order) in layer {bad[-1].name!r}{floor}")
         # (a square overflow is of the unscaled gradient: no loss scale fixes it)
         layer, name = squares[-1]
+        # (the inputs' scale is a cause only where no layer brings them to a small range)
+        scaled = any(la.input_values == "normalises" for la in self.layers)
         raise NonFiniteError(f"training stopped at step {step}: the gradient of layer "
                              f"{layer.name!r} ({name}) is so large that its squares overflow, "
                              "and the optimiser's state would become infinite; nothing was "
-                             "updated from that step on (are the inputs scaled? a Rescaling or "
-                             "Normalization layer brings them to a small range)")
+                             "updated from that step on (a learning rate too large for the "
+                             "steps before it?" + ("" if scaled else " are the inputs scaled? "
+                                                   "a Rescaling or Normalization layer brings "
+                                                   "them to a small range") + ")")
 
     def _raise_for_labels(self, yb: Any, step: int) -> None:
         """Raise :class:`InputError` where the labels of step ``step`` are not all classes (the
