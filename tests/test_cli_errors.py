@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import functools
+import importlib.util
 import json
 import os
 import re
@@ -225,6 +226,35 @@ def test_a_precision_the_device_lacks_is_refused_before_the_data(traps, monkeypa
     (line,) = capsys.readouterr().err.splitlines()
     assert line.startswith("xpcnn train: error: argument --precision: mixed_bfloat16 on cpu: ")
     assert "needs ml_dtypes (pip install ml_dtypes" in line
+
+
+def test_a_missing_optional_package_is_named_before_any_work(traps, monkeypatch, tmp_path,
+                                                            capsys):
+    """Without onnx, --export said only 'argument --export: pip install ...'; without
+    matplotlib, visualize said 'argument visualize: ...', though it is the command."""
+    find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name in (
+        "onnx", "matplotlib") else find_spec(name, *a))
+    assert main(["train", "--export", str(tmp_path / "m.onnx")]) == 2
+    assert capsys.readouterr().err == ('xpcnn train: error: argument --export: needs onnx, which '
+                                       'is not installed: pip install "xpcnn[onnx]" (or: pip '
+                                       'install onnx)\n')
+    model = tmp_path / "model.npz"
+    xpcnn.Sequential([xpcnn.layers.Flatten(), xpcnn.layers.Dense(2)], input_shape=(4, 4, 3)
+                     ).save(model)
+    assert main(["visualize", "--model", str(model), "--out", str(tmp_path / "figures")]) == 2
+    assert re.fullmatch(r"xpcnn visualize: error: needs matplotlib, which is not installed: "
+                        r"pip install .*\n", capsys.readouterr().err)
+    assert [p.name for p in tmp_path.iterdir()] == ["model.npz"]
+
+
+def test_json_given_a_value_still_answers_in_json(capsys):
+    """--json=1 is a usage error (a flag takes no value), answered as --json asks: one JSON
+    object on stdout (was: nothing there)."""
+    assert main(["info", "--json=yes"]) == 2
+    out, err = capsys.readouterr()
+    message = "argument --json: ignored explicit argument 'yes'"
+    assert message in json.loads(out)["error"] and err == f"xpcnn info: error: {message}\n"
 
 
 def test_a_val_split_that_leaves_nothing_to_train_on(small_shapes, capsys):

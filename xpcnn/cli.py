@@ -211,9 +211,10 @@ def check_device(flag: str, name: str) -> None:
         raise UsageError(f"argument {flag}: {e}") from e
 
 
-def needs_matplotlib(flag: str) -> None:
+def needs_matplotlib(flag: str | None) -> None:
+    """Refuse ``flag`` (None: the command itself, ``xpcnn visualize``) without matplotlib."""
     if importlib.util.find_spec("matplotlib") is None:
-        raise UsageError(f"argument {flag}: {VIZ_HINT}")
+        raise UsageError(VIZ_HINT if flag is None else f"argument {flag}: {VIZ_HINT}")
 
 
 # -- train -------------------------------------------------------------------------------------
@@ -293,7 +294,8 @@ def _check_train(args: argparse.Namespace) -> None:
         needs_matplotlib("--plots")
     distinct_outputs(outputs)  # (the figures too: they overwrote a --save of DIR/history.png)
     if args.export is not None and importlib.util.find_spec("onnx") is None:
-        raise UsageError(f"argument --export: {ONNX_EXTRA_HINT}")
+        raise UsageError(f"argument --export: needs onnx, which is not installed: "
+                         f"{ONNX_EXTRA_HINT}")
     check_device("--device", args.device)
     _check_model(args.model or DEFAULT_MODEL[args.dataset], args.dataset)
     compute = PRECISIONS[args.precision]
@@ -529,7 +531,7 @@ def visualize(args: argparse.Namespace) -> dict[str, Any]:
     _input_file("--model", args.model)
     input_folder("--data-dir", args.data_dir)
     output_folder("--out", args.out)
-    needs_matplotlib("visualize")
+    needs_matplotlib(None)
     check_device("--device", args.device)
     return visualize_command(args)
 
@@ -644,7 +646,8 @@ def _main(argv: list[str] | None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     command = next((a for a in argv if a in COMMANDS), None)
     prog = f"xpcnn {command}" if command else "xpcnn"
-    as_json = "--json" in argv  # (until the arguments are parsed: a usage error)
+    # (until the arguments are parsed: a usage error, --json=1's own too)
+    as_json = any(a == "--json" or a.startswith("--json=") for a in argv)
     try:
         args = _parser().parse_args(argv)
         as_json = args.json
