@@ -197,6 +197,20 @@ def test_only_missing_files_are_fetched(tmp_path, rng, monkeypatch):
         assert sorted(srv.requests) == ["/t10k-images-idx3-ubyte.gz", "/t10k-labels-idx1-ubyte.gz"]
 
 
+def test_a_file_missing_beside_the_others_is_fetched_there_alone(tmp_path, rng, monkeypatch):
+    """Three of MNIST's files at the top level, the message naming the fourth there: that one
+    is fetched, into the top level (was: all four into mnist/, the three present ignored)."""
+    arrays = random_mnist(rng)
+    routes, sums = _mnist_routes(arrays)
+    monkeypatch.setitem(dl.MD5SUMS, "mnist", sums)
+    paths = write_mnist(tmp_path, arrays)
+    paths["test_labels"].unlink()
+    with http_server(routes) as srv:
+        _check(load_mnist(tmp_path, base_url=srv.url), arrays)
+        assert srv.requests == ["/t10k-labels-idx1-ubyte.gz"]
+    assert not (tmp_path / "mnist").exists()
+
+
 def test_loader_checksum_mismatch(tmp_path, rng):
     # The official MD5s cannot match our fake files: nothing may be kept.
     routes, _ = _mnist_routes(random_mnist(rng))

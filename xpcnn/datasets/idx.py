@@ -318,15 +318,19 @@ def _load(
             else (home, missing)
         if not download:
             raise DownloadError(missing_files_message(title, names, folder, url=url, also=also))
+        # (where some are there, only those the message names, into its folder; none
+        # anywhere: all of them into the subfolder)
+        into, fetched = (folder, names) if len(names) < len(_FILES) else (home, missing)
         try:
-            fetch(dataset, missing, home, base_url)
+            fetch(dataset, fetched, into, base_url)
         except DownloadError as e:
             raise DownloadError(
                 missing_files_message(title, names, folder, url=url, cause=str(e))
             ) from e
-        paths = _find_in(home)
+        paths = _find_in(into)
         if paths is None:  # pragma: no cover - fetch raises rather than leave a gap
-            raise DownloadError(f"{title} files are still missing from {home} after downloading")
+            raise DownloadError(f"{title} files are still missing from {into} after "
+                                "downloading")
 
     arrays = {
         key: read_idx_file(paths[key], kind=kind, max_bytes=_MNIST_MAX_BYTES)
