@@ -3,6 +3,7 @@
 import argparse
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -527,6 +528,16 @@ def test_cli_train_plots_then_visualize(tmp_path, small_shapes, capsys):
         assert f"wrote {figs / name}" in out
         assert mpl_image.imread(figs / name).var() > 0
     assert "shapes test image 3: label" in out
+    # (layer names that are no file names: each filter figure in --out, named after them)
+    model = xpcnn.load_model(model_path)
+    model.layers[1].name, model.layers[3].name = "block1/conv", "../../escape"
+    model.save(model_path)
+    shutil.rmtree(figs)
+    assert main(["visualize", "--model", str(model_path), "--index", "3", "--out", str(figs),
+                 "--max-maps", "4", "--dpi", "40"]) == 0
+    assert sorted(p.name for p in figs.iterdir()) == [
+        "filters_1_block1_conv.png", "filters_3_.._.._escape.png", "filters_5_conv2d_2.png",
+        "tour_shapes_test_3.png"]
 
 
 def test_cli_visualize_gives_a_probability_for_a_model_that_ends_in_logits(

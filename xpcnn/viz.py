@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import math
 import os
+import re
 import sys
 from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING, Any
@@ -188,7 +189,7 @@ def _ready_model(model: Any, sample_shape: tuple[int, ...]) -> Model:
     if not model.layers:
         raise InputError("the model has no layers to show")
     if not model.built:
-        model.build((None, *sample_shape))  # (per sample: no batch size in front)
+        model._build_for(sample_shape)
     return model
 
 
@@ -815,8 +816,10 @@ def visualize_command(args: Any) -> dict[str, Any]:
              f"{name(guess)} ({probs[guess]:.0%})")
     out = os.fspath(args.out)
     paths = [os.path.join(out, f"tour_{args.dataset}_{split}_{args.index}.png")]
-    paths += [os.path.join(out, f"filters_{i}_{model.layers[i].name}.png")
-              for i in conv_layer_indices(model)]
+    # (a layer's name may hold any character: "block1/conv" made a subfolder, "../x" left
+    # --out; in a file name, each character that is no letter, digit, "_", "." or "-" is "_")
+    safe = [re.sub(r"[^\w.-]", "_", la.name) for la in model.layers]
+    paths += [os.path.join(out, f"filters_{i}_{safe[i]}.png") for i in conv_layer_indices(model)]
     if not distributed.is_root():  # (under mpiexec, as `xpcnn train`: rank 0 writes and speaks)
         return {"written": paths, "label": label, "predicted": guess,
                 "probability": float(probs[guess])}
