@@ -1421,6 +1421,8 @@ def test_keras_and_pytorch_schedule_arguments_are_taken_as_xpcnns_or_refused_by_
             (lambda: optim.CosineDecay(0.1, 10, 0.0, "CosineDecay", None, 0, 5),
              r"takes at most 2 positional arguments \(lr, decay_steps\), got 7"),
             (lambda: optim.CosineDecay(0.1, 1e4 + 0.5), "decay_steps must be a whole number"),
+            (lambda: optim.CosineDecay(0.5, 10, 0.0, alpha=0.0),
+             r"CosineDecay was given alpha twice: as argument 3 \(Keras' order\) and as alpha="),
             (lambda: optim.OneCycle(0.1, 1.0), "total_steps must be >= 2, got 1.0")]:
         with pytest.raises(InputError, match=message):
             make()

@@ -142,7 +142,7 @@ def export_model(model: Any, path: str | os.PathLike[str], input_dtype: str = "f
     """Write ``model`` (built) to ``path`` as ONNX; see the module's docstring."""
     onnx = _import_onnx()
     try:  # (np.uint8 and np.dtype("uint8") name it too, as NumPy's own dtype= arguments take)
-        named = np.dtype(input_dtype).name if not isinstance(input_dtype, bool) else None
+        named = np.dtype(input_dtype).name
     except (TypeError, ValueError):
         named = None
     if named not in INPUT_DTYPES:

@@ -296,6 +296,11 @@ def _takes_ported_arguments(init: Callable[..., None]) -> Callable[..., None]:
         if len(args) > len(positional) + len(ported):
             raise InputError(f"{owner} takes at most {len(positional)} positional arguments "
                              f"({', '.join(positional)}), got {len(args)}")
+        twice = [key for key in ported if key in kwargs]
+        if twice:  # (Python's "multiple values for argument", as Keras' own call would get)
+            raise InputError(f"{owner} was given {twice[0]} twice: as argument "
+                             f"{len(positional) + list(ported).index(twice[0]) + 1} (Keras' "
+                             f"order) and as {twice[0]}=")
         for key, value in (*ported.items(), *list(kwargs.items())):
             if key in params or key not in table or key == "positional":
                 continue  # (xpcnn's own, or Python's error: a name no library gives)
@@ -1262,7 +1267,7 @@ def optimizer_from_config(config: dict[str, Any]) -> Optimizer:
     """The optimiser that ``config`` (:meth:`Optimizer.get_config`'s) describes, at step 0."""
     name, config = _class_config(config, "an optimizer's", "{'class': 'SGD', 'lr': 0.01}")
     cls = registered(OPTIMIZER_CLASSES, name, "optimizer")
-    # (a rate as Keras' configurations give it, a number, or a schedule's configuration)
+    # (a schedule's configuration, as files hold it; a number, as one edits a file by hand)
     lr = config.get("lr")
     config["lr"] = lr if _real(lr) else schedule_from_config(lr)
     return cls(**config)
