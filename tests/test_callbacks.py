@@ -779,17 +779,27 @@ def test_model_checkpoint_best_only_and_weights_only(data, tmp_path):
      r"the CSVLogger and fit\(checkpoint=\.\.\.\) would both write .*the CSV log"),
     (lambda p: {"callbacks": [BackupAndRestore(p), ModelCheckpoint(p, save_weights_only=True)]},
      "the ModelCheckpoint and the BackupAndRestore would both write"),
+    (lambda p: {"checkpoint": p, "callbacks": [ModelCheckpoint(os.path.relpath(p))]},
+     r"the ModelCheckpoint and fit\(checkpoint=\.\.\.\) would both write '/.*/run002\.npz'"),
     (lambda p: {"callbacks": [CSVLogger(p), CSVLogger(os.path.relpath(p))]},
-     r"the CSVLogger \('/.*'\) and another CSVLogger \('[^/].*'\) would both write '/"),
-    (lambda p: {"checkpoint": p, "callbacks": [ModelCheckpoint("run{epoch:03}.npz")]},
-     r"the ModelCheckpoint's path 'run\{epoch:03\}\.npz' can be filled to '/.*/run002\.npz', "
-     r"the file fit\(checkpoint=\.\.\.\) writes"),
+     r"the CSVLogger and another CSVLogger would both write '/.*/run002\.npz'"),
+    (lambda p: {"callbacks": [ModelCheckpoint(p), ModelCheckpoint(
+        p, monitor="loss", save_best_only=True)]},
+     "the ModelCheckpoint and another ModelCheckpoint would both write .*the best model"),
+    (lambda p: {"callbacks": [CSVLogger(p.replace("002", "{002}")),
+                              ModelCheckpoint(p.replace("002", "{{002}}"))]},
+     r"the CSVLogger and the ModelCheckpoint would both write '/.*/run\{002\}\.npz'"),
+    (lambda p: {"callbacks": [ModelCheckpoint("run{epoch:03}.npz"), ModelCheckpoint(
+        os.path.join(os.path.dirname(p), "run{epoch:03}.npz"))]},
+     r"the ModelCheckpoint and another ModelCheckpoint would both write "
+     r"'/.*/run\{epoch:03\}\.npz'"),
 ])
 def test_two_writers_of_one_file_are_refused_before_any_write(data, tmp_path, monkeypatch,
                                                               writers, names):
     """fit(checkpoint=p) with ModelCheckpoint(p, save_best_only=True) ended with the last
     epoch's checkpoint in p, the best model lost; with CSVLogger(p) the log was lost: refused,
-    as the command line refuses two outputs on one file, before anything is written."""
+    as the command line refuses two outputs on one file, before anything is written. So is
+    one template given twice (its braces in a fixed path are escaped: {{ is a brace)."""
     monkeypatch.chdir(tmp_path)
     path = str(tmp_path / "run002.npz")
     model = small_model()
@@ -811,9 +821,32 @@ def test_two_writers_of_one_file_are_refused_before_a_resume_reads_it(data, tmp_
     assert path.read_text() == "epoch,loss\n0,1.0\n" and not model.built
 
 
-def test_writers_of_other_files_are_taken(data, tmp_path):
-    """Not refused: a template that no number fills to the checkpoint's name, and files of
-    their own (a link to another folder's file: the file itself is compared)."""
+@pytest.mark.parametrize("save, history", [({}, [0, 1]), ({"save_weights_only": True}, [0])])
+def test_a_template_filled_to_another_writers_file_is_refused_before_that_save(
+        data, tmp_path, monkeypatch, save, history):
+    """A template that fills to the checkpoint's file at epoch 2 is refused as it fills it,
+    before its save (or the checkpoint's of that epoch): the checkpoint of epoch 1 is intact
+    and resumes; the History holds the epochs its hook saw (a weights file is saved in the
+    ModelCheckpoint's own on_epoch_end, before the History's)."""
+    monkeypatch.chdir(tmp_path)
+    model = small_model()
+    with pytest.raises(InputError, match=r"the ModelCheckpoint and fit\(checkpoint=\.\.\.\) "
+                       r"would both write '/.*/run002\.npz' \(its path 'run\{epoch:03\}\.npz' "
+                       r"filled at epoch 2; not written\)"):
+        model.fit(*data, epochs=3, batch_size=BATCH, verbose=0, checkpoint="run002.npz",
+                  callbacks=[ModelCheckpoint("run{epoch:03}.npz", **save)])
+    assert sorted(os.listdir()) == ["run001.npz", "run002.npz"]
+    assert load_checkpoint("run002.npz").epoch == 1 and model.history.epoch == history
+    resumed = small_model()
+    resumed.fit(*data, epochs=3, batch_size=BATCH, verbose=0, checkpoint="run002.npz",
+                resume=True, callbacks=[ModelCheckpoint("ckpt{epoch}.npz", **save)])
+    assert resumed.optimizer.iterations == 12 and resumed.history.epoch == [0, 1, 2]
+
+
+def test_writers_of_other_files_are_taken(data, tmp_path, monkeypatch):
+    """Not refused: templates that fill to none of the others' files (though a number's text
+    could: inf, 1e5, -1, a hex digit), a device that many write (nothing replaces it), and
+    files of their own (a link to another folder's file: the file itself is compared)."""
     (tmp_path / "sub").mkdir()
     (tmp_path / "link").symlink_to(tmp_path / "sub")
     model = small_model()
@@ -825,11 +858,21 @@ def test_writers_of_other_files_are_taken(data, tmp_path):
     assert sorted(os.listdir(tmp_path)) == ["ckpt-1.npz", "ckpt-2.npz", "ckpt-last.npz", "link",
                                             "sub"]
     assert sorted(os.listdir(tmp_path / "sub")) == ["best.npz", "log.csv"]
-    with pytest.raises(InputError, match="the CSVLogger .* and the ModelCheckpoint .* would "
-                                         "both write '.*/sub/best.npz'"):
+    with pytest.raises(InputError, match="the CSVLogger and the ModelCheckpoint would both "
+                                         "write '.*/sub/best.npz'"):
         small_model().fit(*data, verbose=0, callbacks=[
             CSVLogger(tmp_path / "link" / "best.npz"),
             ModelCheckpoint(tmp_path / "sub" / "best.npz")])
+    monkeypatch.chdir(tmp_path / "sub")
+    small_model().fit(*data, epochs=2, batch_size=BATCH, verbose=0, checkpoint="model-inf.npz",
+                      callbacks=[ModelCheckpoint("model-{epoch}.npz"),
+                                 ModelCheckpoint("run{epoch}.npz"), CSVLogger("run1e5.npz"),
+                                 ModelCheckpoint("m{epoch}.npz"), CSVLogger("m-1.npz"),
+                                 ModelCheckpoint("n{epoch:x}.npz"), CSVLogger("nlast.npz"),
+                                 CSVLogger(os.devnull), CSVLogger(os.devnull)])
+    assert sorted(os.listdir()) == sorted([
+        "best.npz", "log.csv", "model-inf.npz", "run1e5.npz", "m-1.npz", "nlast.npz",
+        *(f"{name}{epoch}.npz" for name in ("model-", "run", "m", "n") for epoch in (1, 2))])
 
 
 def test_a_model_checkpoint_written_at_an_error_keeps_the_file_that_resumes(data, tmp_path,

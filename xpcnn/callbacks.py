@@ -64,7 +64,7 @@ import time
 import weakref
 import zlib
 from collections.abc import Callable, Collection, Iterable, Iterator, Mapping, MutableMapping
-from typing import Any, NamedTuple
+from typing import Any
 
 import numpy as np
 from tqdm.auto import tqdm
@@ -334,72 +334,24 @@ class CallbackList:
         return handler is not None
 
 
-#: What a field of a :class:`ModelCheckpoint` path gives: the epoch, the batch and the logs
-#: are numbers (a sign, digits with grouping, an exponent, ``inf``, ``nan``, a percent sign).
-_NUMBER = r"[-+ ]?(?:[0-9.,_]*[0-9](?:[eE][-+]?[0-9]+)?|inf|nan|INF|NAN)%?"
-
-
-def _field_pattern(spec: str) -> str:
-    """The pattern of what a path field of format ``spec`` can give: a number, padded (with
-    spaces or the spec's fill character); for a format of other digits or of text
-    (``{epoch:x}``, a callback's log as ``{name:s}``), any text without a separator."""
-    if spec[-1:] in tuple("bcosxX"):
-        return "[^" + re.escape(os.sep + (os.altsep or "")) + "]*"
-    pad = "[" + re.escape(" " + (spec[0] if spec[1:2] in tuple("<>=^") else "")) + "]*"
-    return pad + _NUMBER + pad
-
-
-def _given_file(cb: Callback) -> str | None:
-    """The path of the file ``cb`` writes in fit, as given (a ModelCheckpoint's template);
-    None where it writes none."""
-    if isinstance(cb, BackupAndRestore):
-        return cb.path
-    if isinstance(cb, CSVLogger):
-        return cb.filename
-    return cb.filepath if isinstance(cb, ModelCheckpoint) else None
-
-
-class _Template(NamedTuple):
-    """A :class:`ModelCheckpoint` path with fields: ``text``, the template with its folder
-    before the first field resolved (two alike write the same files), and ``pattern``, that
-    of the files it can be filled to, each field any text that numbers format to."""
-
-    text: str
-    pattern: re.Pattern[str]
-
-
-def _written_by(cb: Callback) -> str | _Template | None:
+def _own_file(cb: Callback) -> str | tuple[str, str] | None:
     """The file ``cb`` writes in fit, as :func:`~xpcnn.files.written_file` names it (links
-    followed), or a :class:`_Template` for a ModelCheckpoint path with fields; None where
-    ``cb`` writes no file, or its path is one that its own ``on_train_begin`` refuses, naming
-    it (a template that does not parse, links in a loop)."""
-    given = _given_file(cb)
-    if given is None:
-        return None
-    try:  # (a BackupAndRestore's or CSVLogger's path is no template: its braces are text)
-        parts = list(string.Formatter().parse(given)) if isinstance(cb, ModelCheckpoint) \
-            else [(given, None, None, None)]
-    except ValueError:
-        return None
-    first = next((k for k, part in enumerate(parts) if part[1] is not None), len(parts))
-    head = "".join(literal for literal, *_ in parts[:first + 1])
+    followed), or for a ModelCheckpoint path with fields, its folder so named and its file
+    name as given (two alike write the same files); None where ``cb`` writes no file that a
+    write replaces (none at all, a device such as /dev/null, a pipe), or its path is one that
+    its own ``on_train_begin`` refuses, naming it (a template that does not parse, a loop)."""
+    path = cb.path if isinstance(cb, BackupAndRestore) else \
+        cb.filename if isinstance(cb, CSVLogger) else None  # (their braces are text)
     try:
-        if first == len(parts):  # (no field: the one file it writes)
-            return written_file(head)
-        folder, start = os.path.split(head)
-        folder = os.path.join(written_file(folder or os.curdir), "")
-    except OSError:
+        if isinstance(cb, ModelCheckpoint):
+            parts = list(string.Formatter().parse(cb.filepath))
+            if any(field is not None for _, field, _, _ in parts):
+                folder, name = os.path.split(cb.filepath)
+                return written_file(folder or os.curdir), name
+            path = "".join(literal for literal, *_ in parts)  # (braces unescaped, as filled)
+        return written_file(path) if path is not None and replaceable(path) else None
+    except (ValueError, OSError):
         return None
-    text, pattern = folder + start.replace("{", "{{").replace("}", "}}"), re.escape(folder + start)
-    for k, (literal, field, spec, conversion) in enumerate(parts[first:]):
-        if k:
-            text += literal.replace("{", "{{").replace("}", "}}")
-            pattern += re.escape(literal)
-        if field is not None:
-            text += "{" + field + (f"!{conversion}" if conversion else "") + \
-                (f":{spec}" if spec else "") + "}"
-            pattern += _field_pattern(spec or "")
-    return _Template(text, re.compile(pattern))
 
 
 def check_own_files(callbacks: Iterable[Callback]) -> None:
@@ -407,49 +359,32 @@ def check_own_files(callbacks: Iterable[Callback]) -> None:
     :class:`ModelCheckpoint`, :class:`CSVLogger`) that would write one file: each write would
     replace the other's (the best model of ``save_best_only``, the log), as the command line
     refuses two outputs on one file. A ModelCheckpoint path with fields (``{epoch}``) is
-    refused where it can be filled to another's file (its fields filled with any number), or
-    is another ModelCheckpoint's path too; one with no field is a file like the others."""
-    writers = [(cb, file) for cb in callbacks if (file := _written_by(cb)) is not None]
-    for k, (a, file_a) in enumerate(writers):
-        for b, file_b in writers[k + 1:]:
-            if isinstance(file_a, str) and isinstance(file_b, _Template):
-                a, file_a, b, file_b = b, file_b, a, file_a  # (a template first)
-            if _one_file(file_a, file_b):
-                raise InputError(_same_file(a, b, file_a, file_b))
+    refused here where another ModelCheckpoint has the same one; where it fills to another's
+    file, as it saves (:meth:`ModelCheckpoint._save`), which knows the files it is handed here."""
+    files: dict[str | tuple[str, str], Callback] = {}
+    for cb in callbacks:
+        if (file := _own_file(cb)) is None:
+            continue
+        if file in files:
+            shown = file if isinstance(file, str) else os.path.join(*file)
+            raise InputError(_same_file(files[file], cb, repr(shown)))
+        files[file] = cb
+    for file, cb in files.items():
+        if isinstance(file, tuple):
+            cb._others = {f: other for f, other in files.items() if isinstance(f, str)}
 
 
-def _one_file(file_a: str | _Template, file_b: str | _Template) -> bool:
-    """Whether two writers' files, as :func:`_written_by` gives them (a template first), are
-    one: the same file, a file the template can be filled to, or the same template."""
-    if isinstance(file_a, str):
-        return file_a == file_b
-    if isinstance(file_b, str):
-        return file_a.pattern.fullmatch(file_b) is not None
-    return file_a.text == file_b.text
-
-
-def _same_file(a: Callback, b: Callback, file_a: str | _Template, file_b: str | _Template
-               ) -> str:
-    """The refusal of ``a`` and ``b``, which write one file (``file_a`` and ``file_b``, as
-    :func:`_written_by` gives them: ``a``'s a template where one is)."""
+def _same_file(a: Callback, b: Callback, shown: str) -> str:
+    """The refusal of ``a`` and ``b``, which would both write the file ``shown``."""
     what_a = getattr(a, "what", f"the {type(a).__name__}")
     what_b = getattr(b, "what", f"the {type(b).__name__}")
     if what_b == what_a:
         what_b = f"another {type(b).__name__}"
-    given_a, given_b = _given_file(a), _given_file(b)
-    if isinstance(file_a, _Template) and isinstance(file_b, str):
-        both = (f"{what_a}'s path {given_a!r} can be filled to {file_b!r}, the file {what_b} "
-                "writes" + ("" if file_b == given_b else f" ({given_b!r})"))
-    elif given_a == given_b:
-        both = f"{what_a} and {what_b} would both write {given_a!r}"
-    else:
-        shown = repr(file_a) if isinstance(file_a, str) else "the same files"
-        both = f"{what_a} ({given_a!r}) and {what_b} ({given_b!r}) would both write {shown}"
     lost = " (the best model that save_best_only keeps would be lost)" if any(
         isinstance(cb, ModelCheckpoint) and cb.save_best_only for cb in (a, b)) else \
         " (the CSV log would be lost)" if any(isinstance(cb, CSVLogger) for cb in (a, b)) else ""
-    return f"{both}: each would replace the other's file as training goes{lost}; give each " \
-        "a file of its own"
+    return f"{what_a} and {what_b} would both write {shown}: each would replace the other's " \
+        f"file as training goes{lost}; give each a file of its own"
 
 
 def _save_pending(saves: list[ModelCheckpoint], not_run: Collection[Callback] = ()) -> None:
@@ -1019,7 +954,9 @@ class ModelCheckpoint(_Monitor):
     ``val_*`` log where every epoch it saves in validates: with ``fit(validation_freq=k)``,
     only with ``save_best_only`` on a ``val_*`` monitor; refused before training otherwise).
     Under ``mpiexec`` every rank must have it (rank 0 writes): saving averages the ranks'
-    BatchNorm statistics, a collective.
+    BatchNorm statistics, a collective. A file of another of fit's writers is refused
+    (:func:`check_own_files`); one the template fills to, as it does, before that save: fit
+    stops there (exact for every format, where a check before training would guess).
 
     ``save_best_only``: only when ``monitor`` improved (the path may then be fixed); the first
     value saves unless ``initial_value_threshold`` is given: then only a value beating it.
@@ -1079,6 +1016,8 @@ class ModelCheckpoint(_Monitor):
         self.run: dict[str, Any] = {}
         # (the epoch's save, put off by fit's CallbackList until every on_epoch_end has run)
         self._pending: list[Callable[[], None]] | None = None
+        # (the files of fit's other writers, by file, where the path has fields: check_own_files)
+        self._others: dict[str, Callback] = {}
 
     def get_state(self) -> dict[str, Any]:
         return {**super().get_state(), "best": self.best, "batches": self.batches}
@@ -1174,6 +1113,10 @@ class ModelCheckpoint(_Monitor):
             self.best = value
         fields = {**logs, "epoch": epoch + 1, **({} if batch is None else {"batch": batch + 1})}
         path = self._fill(fields)
+        at = f"epoch {epoch + 1}" + ("" if batch is None else f", batch {batch + 1}")
+        if self._others and (other := self._others.get(file := written_file(path))) is not None:
+            raise InputError(_same_file(self, other, f"{file!r} (its path {self.filepath!r} "
+                                        f"filled at {at}; not written)"))
         # (every rank saves alike, from the same count and logs; the ranks' BatchNorm
         # statistics, averaged by fit at the end of each epoch, are averaged here inside one)
         if batch is not None and self.model._parallel is not None:
@@ -1206,9 +1149,9 @@ class ModelCheckpoint(_Monitor):
                                         progress_within(self.model, epoch, batch + 1),
                                         self.model.history, self.run, states)
         if self.verbose:
-            say_on_root(f"epoch {epoch + 1}" + ("" if batch is None else f", batch {batch + 1}") +
-                        (f": saved {path}" if wrote else f": kept {path}, which may resume "
-                         "(this epoch's file could not: a callback raised before all had run)"))
+            say_on_root(at + (f": saved {path}" if wrote else f": kept {path}, which may resume "
+                              "(this epoch's file could not: a callback raised before all had "
+                              "run)"))
 
 
 def _check_savable(model: Any, file: str) -> None:
@@ -1240,7 +1183,8 @@ class BackupAndRestore(Callback):
     :class:`~xpcnn.errors.TrainingInterrupted`. ``fit(checkpoint=PATH, resume=True)`` is short
     for this callback (:mod:`xpcnn.saving.checkpoint` describes the file); a ``fit`` takes one
     (``checkpoint=`` counts as one), whose file no other callback of the fit may write (a
-    ModelCheckpoint's or CSVLogger's: refused before training, :func:`check_own_files`). The
+    CSVLogger's, a ModelCheckpoint's: refused before training, or at the epoch a template fills
+    to it, :func:`check_own_files`). The
     learning-rate factor that :class:`ReduceLROnPlateau` or
     :class:`LearningRateScheduler` set is optimiser state and comes back; so do, unlike in
     Keras, the states of the callbacks that keep one (:class:`EarlyStopping`'s best value,
