@@ -101,6 +101,18 @@ def test_leftovers_of_a_long_name_are_removed_and_nothing_else(tmp_path):
     assert names_in(tmp_path) == sorted(users)
 
 
+def test_leftovers_are_removed_beside_a_links_target(tmp_path):
+    """Written through a symbolic link, a file's temporaries are made beside its target (the
+    rename must replace the target): the leftovers of killed writers are looked for there too
+    (was: beside the link, so never found)."""
+    (tmp_path / "real").mkdir()
+    (tmp_path / "link.npz").symlink_to(tmp_path / "real" / "run.npz")
+    fd, tmp = files._new_temporary(str(tmp_path / "real"), "run.npz", ".tmp")
+    os.close(fd)
+    files.remove_leftovers(tmp_path / "link.npz")
+    assert not os.path.exists(tmp) and names_in(tmp_path / "real") == []
+
+
 def test_a_name_longer_than_the_file_system_takes_is_refused_before_any_work(tmp_path):
     """Named as too long, by checks.output_file (fit's checkpoint: before the first step), by
     the writers before they write, never at the rename after the work."""

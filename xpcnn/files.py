@@ -237,9 +237,10 @@ def _create_temporary(folder: str, name: str, suffix: str) -> tuple[int, str]:
 
 def remove_leftovers(path: str | os.PathLike[str], suffix: str = ".tmp") -> None:
     """Delete the temporary files that killed writers of ``path`` left behind: exactly the
-    names :func:`_new_temporary` gives them (``.<name>.<12 hex><suffix>``), nothing else."""
-    folder, base = os.path.split(os.path.abspath(path))
+    names :func:`_new_temporary` gives them (``.<name>.<12 hex><suffix>``), nothing else,
+    beside the file written (a symbolic link's target, where :func:`atomic_file` makes them)."""
     try:
+        folder, base = os.path.split(written_file(path))
         stem, names = _temporary_stem(folder, base, suffix), os.listdir(folder)
     except OSError:
         return
