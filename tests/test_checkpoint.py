@@ -15,6 +15,7 @@ import signal
 import subprocess
 import sys
 import time
+import warnings
 from pathlib import Path
 
 import ckpt_train
@@ -282,6 +283,58 @@ def test_a_frozen_model_with_a_layer_unfrozen_checkpoints_and_restores_its_own_f
         assert restored.trainable_weights == [] and restored.optimizer.slots["m"] == []
         assert all(np.array_equal(a, b) for a, b in zip(restored.get_weights(),
                                                         model.get_weights(), strict=True))
+
+
+def test_a_malformed_model_flag_is_refused_by_every_reader_naming_it(tmp_path):
+    """A hand-edited "trainable": "no" was read as True by restore_checkpoint, and refused by
+    load_checkpoint and load_model as a vague "invalid model configuration (InputError:
+    ...)". A checkpoint refused once its flags were taken puts them back."""
+    def make(**kwargs):
+        model = xpcnn.Sequential([xpcnn.Input((4,)), Dense(2)], **kwargs)
+        model.compile(optimizer="sgd")
+        return model
+
+    path, model_path = tmp_path / "c.npz", tmp_path / "m.npz"
+    save_checkpoint(make(trainable=False), path)
+    make(trainable=False).save(model_path)
+    _rewrite(path, lambda config: config["model"].update(trainable="no"))
+    _rewrite(model_path, lambda config: config.update(trainable="no"))
+    message = r"invalid model configuration: trainable is 'no', expected true or false$"
+    fresh = make()
+    for read in (lambda: restore_checkpoint(fresh, path), lambda: load_checkpoint(path),
+                 lambda: xpcnn.load_model(model_path)):
+        with pytest.raises(DataFormatError, match=message):
+            read()
+    assert fresh.trainable
+    _rewrite(path, lambda config: config["model"].update(trainable=False) or config.update(
+        run=None))
+    with pytest.raises(DataFormatError, match="no run description"):
+        restore_checkpoint(fresh, path)
+    assert fresh.trainable and fresh.layers[0].trainable and len(fresh.trainable_weights) == 2
+
+
+def test_loading_into_an_unbuilt_flatten_first_model_warns_of_no_batch_size(tmp_path):
+    """load_weights and restore_checkpoint into an unbuilt Flatten-first model, from a file of
+    (8, 5, 5, 1) samples, warned that model.build((8, 5, 5, 1)) might have been given a batch
+    size: the build was the file's, not the user's."""
+    source = xpcnn.Sequential([Flatten(), Dense(2)])
+    source.build((None, 8, 5, 5, 1))
+    source.compile(optimizer="sgd")
+    source.save_weights(tmp_path / "w.npz")
+    save_checkpoint(source, tmp_path / "c.npz")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        loaded = xpcnn.Sequential([Flatten(), Dense(2)])
+        loaded.load_weights(tmp_path / "w.npz")
+        restored = xpcnn.Sequential([Flatten(), Dense(2)])
+        restored.compile(optimizer="sgd")
+        restore_checkpoint(restored, tmp_path / "c.npz")
+    for model in (loaded, restored):
+        assert model.input_shape == (None, 8, 5, 5, 1)
+        for a, b in zip(model.get_weights(), source.get_weights(), strict=True):
+            np.testing.assert_array_equal(a, b)
+    with pytest.warns(UserWarning, match=r"if 8 is a batch size"):  # (the user's build warns)
+        xpcnn.Sequential([Flatten(), Dense(2)]).build((8, 5, 5, 1))
 
 
 class FreezeAfterEpoch1(xpcnn.callbacks.Callback):

@@ -159,7 +159,10 @@ def test_build_given_a_batch_size_first_is_refused_where_the_model_shows_it():
 
 def test_fit_names_the_batch_axis_of_a_model_built_with_a_batch_size_first(images):
     model = xpcnn.Sequential([Flatten(), Dense(3)])
-    model.build((32, 8, 8, 3))  # (a Flatten first takes any rank: not known to be wrong yet)
+    # (a Flatten first takes any rank: not known to be wrong yet, only warned of)
+    with pytest.warns(UserWarning, match=r"if 32 is a batch size \(Keras' build takes the "
+                                         r"batch's shape\)"):
+        model.build((32, 8, 8, 3))
     model.compile(optimizer="sgd")
     with pytest.raises(InputError, match=r"was the model built with a batch size first\? build "
                                          r"takes the per-sample shape \(8, 8, 3\) or \(None, 8, "

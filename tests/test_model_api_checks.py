@@ -3,6 +3,7 @@ of ``layers`` checked and refused as a whole, add() on a built model, an input d
 any layer, from_config's defaults, a frozen model's later layers, and copying a model."""
 
 import copy
+import tracemalloc
 import warnings
 
 import numpy as np
@@ -10,7 +11,7 @@ import pytest
 
 import xpcnn
 from xpcnn.errors import InputError
-from xpcnn.layers import Conv2D, Dense, Flatten, ReLU, Softmax
+from xpcnn.layers import BatchNorm2D, Conv2D, Dense, Flatten, GlobalAvgPool2D, ReLU, Softmax
 
 X = np.random.default_rng(0).random((4, 6, 6, 1)).astype("float32")
 Y = np.array([0, 1, 2, 0])
@@ -262,6 +263,43 @@ def test_a_frozen_model_trains_no_layer_unfrozen_after_it_as_in_keras():
     default = xpcnn.Sequential()
     default.add(Dense(2))
     assert default.layers[0].trainable
+    # A BatchNorm2D unfrozen itself still moves its statistics in a frozen model, as Keras 3's
+    # (it reads its own flag); no trainable weight is updated, and summary does not mark it
+    # frozen (was: marked frozen, while fit moved its statistics).
+    bn = xpcnn.Sequential([BatchNorm2D(), Flatten(), Dense(2)], input_shape=(2, 2, 1), seed=0,
+                          trainable=False)
+    bn.layers[0].trainable = True
+    bn.compile(optimizer="sgd")
+    assert bn.trainable_weights == [] and len(bn.non_trainable_weights) == 6
+    before = bn.get_weights()
+    bn.fit(x, y, epochs=1, verbose=0)
+    kept = [np.array_equal(a, b) for a, b in zip(before, bn.get_weights(), strict=True)]
+    assert kept == [True, True, False, False, True, True]  # (gamma, beta, mean, variance...)
+    lines: list[str] = []
+    bn.summary(print_fn=lines.append, show_trainable=True)
+    rows = {line.split()[0]: line for line in lines}
+    assert "frozen" not in rows["batchnorm2d"] and rows["batchnorm2d"].rstrip().endswith("Y")
+    assert "dense (Dense) frozen" in rows["dense"] and rows["dense"].rstrip().endswith("N")
+    assert "Trainable params: 0" in lines
+
+
+@pytest.mark.parametrize("flag", [True, False])
+def test_a_models_flag_sets_that_of_a_base_added_whole_as_keras_sets_a_nested_models(flag):
+    """outer.trainable = True left a base frozen as a whole with its own flag False (its
+    layers' True), so base.fit trained nothing; Keras' setter sets a nested model's too."""
+    base = xpcnn.Sequential([xpcnn.Input((4,)), Dense(3), Dense(3)], seed=0)
+    base.trainable = not flag
+    outer = xpcnn.Sequential([base, Dense(2)])
+    outer.trainable = not flag
+    outer.trainable = flag
+    assert base.trainable is flag and all(la.trainable is flag for la in base.layers)
+    assert len(base.trainable_weights) == (4 if flag else 0)
+    assert base.trainable_layers == (list(base.layers) if flag else [])
+    x = np.random.default_rng(0).random((8, 4)).astype("float32")
+    base.compile(optimizer="sgd")
+    before = base.get_weights()
+    base.fit(x, np.arange(8) % 3, epochs=1, verbose=0)
+    assert flag != np.array_equal(before[0], base.get_weights()[0])
 
 
 def test_a_frozen_base_unfrozen_in_part_trains_that_part_inside_another_model_as_keras():
@@ -330,6 +368,32 @@ def test_images_of_another_size_name_the_build_that_keeps_the_weights():
     with pytest.raises(InputError, match=r"got \(None, None, 2\): xpcnn's inputs have fixed "
                                          r"sizes, where Keras' None takes any; .*model.build"):
         xpcnn.Input((None, None, 2))
+
+
+def test_large_images_get_no_weights_drawn_for_the_build_hint_nor_the_output_shape():
+    """A model of (8, 8, 1) images given a 512x512 one: its InputError's hint was decided on
+    copies of every layer built for it, drawing a 1M x 64 Dense kernel (768 MB, 3 s; larger
+    images could be killed by the OS); so did compute_output_shape. Now the walk stops at the
+    first layer whose weights would change, before building it, and a Dense's copy is built
+    for one feature. The hint still appears where the weights keep their shapes."""
+    flat = xpcnn.Sequential([Conv2D(4, 3, padding="same"), Flatten(), Dense(64)],
+                            input_shape=(8, 8, 1))
+    pooled = xpcnn.Sequential([Conv2D(4, 3, padding="same"), GlobalAvgPool2D(), Dense(64)],
+                              input_shape=(8, 8, 1))
+    big = np.zeros((1, 512, 512, 1), "float32")
+    tracemalloc.start()
+    try:
+        with pytest.raises(InputError, match=r"expects \(8, 8, 1\) .*= \(1, 512, 512, 1\)$"):
+            flat.predict(big, verbose=0)
+        assert flat.compute_output_shape((None, 512, 512, 1)) == (None, 64)
+        with pytest.raises(InputError, match=r"model.build\(\(None, 512, 512, 1\)\) rebuilds it "
+                                             r"for these images, keeping its weights$"):
+            pooled.predict(big, verbose=0)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < 50 * 2**20, f"{peak / 2**20:.0f} MiB"
+    assert flat.input_shape == pooled.input_shape == (None, 8, 8, 1)
 
 
 def test_summary_takes_keras_keywords_it_can_honour_and_refuses_the_others_by_name():

@@ -34,6 +34,7 @@ import numpy as np
 from . import checks
 from .backend import Backend, dtype_name
 from .errors import InputError
+from .layers import BatchNorm2D, Conv2D, Dense, Normalization
 from .layers.activation import ReLU
 from .layers.arguments import Shape, building_for
 from .layers.base import DEFAULT, Layer, Options, RandomLayer
@@ -277,24 +278,54 @@ def build(layers: list[Layer], inbound: list[Inbound], input_shape: Shape, backe
             layer.set_random_state(*stream)
 
 
-def trial_build(layers: list[Layer], inbound: list[Inbound], input_shape: Shape
-                ) -> tuple[Shape, bool]:
+def weight_count(layer: Layer, shape: Any) -> int | None:
+    """How many weight values ``layer`` creates for per-sample ``shape``, worked out without
+    building it (None: not known here, a user's layer say; a wrong rank is left for the
+    layer's own build to report)."""
+    if isinstance(layer, Dense):
+        return shape[0] * layer.units + layer.units * layer.use_bias if len(shape) == 1 else None
+    if isinstance(layer, Conv2D):
+        if len(shape) != 3:
+            return None
+        kh, kw = layer.kernel_size
+        return kh * kw * shape[2] * layer.filters + layer.filters * layer.use_bias
+    if isinstance(layer, BatchNorm2D):
+        return 4 * shape[-1]
+    if isinstance(layer, Normalization):  # (adapted: its mean and variance, (C,) each)
+        return 2 * shape[-1] if layer.adapted else 0
+    return 0 if not layer.weight_names else None
+
+
+def trial_build(layers: list[Layer], inbound: list[Inbound], input_shape: Shape,
+                keeping: bool = False) -> Shape | None:
     """The graph's per-sample output shape for per-sample ``input_shape``, worked out on
-    unbuilt copies of its layers built on the CPU (the layers stay as they are), and whether
-    every built layer's weights keep their shapes there (so that :func:`build` for it keeps
-    them). A layer refusing its input raises as its build does."""
+    unbuilt copies of its layers built on the CPU one at a time (the layers stay as they
+    are): each copy draws the weights its layer would have there, then is dropped, so it
+    costs what building the largest layer for that shape does (a Dense's copy is built for
+    one feature: its output does not depend on them). A layer refusing its input raises as
+    its build does.
+
+    ``keeping``: None instead at the first built layer whose weights would change shape
+    there (so that :func:`build` for it would refuse it), found before its copy is built
+    where :func:`weight_count` knows them: no weights of the new sizes are drawn."""
     shapes: list[Any] = [input_shape]
-    keeps = True
     for layer, ins in zip(layers, inbound, strict=True):
+        shape = read_by(layer, ins, shapes)
+        held = keeping and layer.built and not layer.provisional
+        if held and weight_count(layer, shape) not in (None, layer.count_params()):
+            return None
+        if not held and len(shape) == 1 and checks.defined_by(layer, "_build") is Dense:
+            # (its output is (units,) for any features: its copy built for one draws no
+            # kernel for a Flatten of large images)
+            shape = (1,)
         probe = layer.unbuilt_copy()
         with building_for(input_shape):
             # (a fixed rng: a standalone build would draw from the stream of such builds)
-            shapes.append(probe.build(read_by(layer, ins, shapes), "cpu", "float32", None,
-                                      np.random.default_rng(0)))
-        if layer.built and not layer.provisional:
-            keeps = keeps and [probe.keras_shape(n) for n in probe.present_weight_names()] \
-                == [layer.keras_shape(n) for n in layer.present_weight_names()]
-    return shapes[-1], keeps
+            shapes.append(probe.build(shape, "cpu", "float32", None, np.random.default_rng(0)))
+        if held and [probe.keras_shape(n) for n in probe.present_weight_names()] \
+                != [layer.keras_shape(n) for n in layer.present_weight_names()]:
+            return None
+    return shapes[-1]
 
 
 def built_as(layers: list[Layer], inbound: list[Inbound], input_shape: Shape, backend: Backend,

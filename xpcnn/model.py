@@ -174,7 +174,7 @@ class Model(Trainer):
             layers, inbound, self._symbolic = traced
             with _names_back_if_refused(layers):
                 self._set_graph(layers, inbound)
-                self.build((None, *graph.input_shape_of(inputs)))
+                self._build_for(graph.input_shape_of(inputs))
             if not trainable:
                 self.trainable = False
 
@@ -244,7 +244,7 @@ class Model(Trainer):
                 list.__setitem__(self._layers, slice(None), old)
                 self.built = False
                 if built and shape is not None:
-                    self.build(shape)  # (as it was: its layers keep their weights)
+                    self._build_for(shape)  # (as it was: its layers keep their weights)
                 raise
         if frozen:  # (a frozen model's new layers are frozen: see trainable)
             for la in value:
@@ -296,7 +296,7 @@ class Model(Trainer):
         if not self.built and self.layers:
             # (built at its first call, as Keras builds a Sequential, symbolic calls too: its
             # weights from its own seed, and summary, weights and save_weights work on it)
-            self.build((None, *x.sample_shape))
+            self._build_for(x.sample_shape)
         values = [x]
         for layer, ins in zip(self.layers, self._inbound(), strict=True):
             # (not one of the layer's inbound nodes: its output stays this model's, as in Keras)
@@ -314,12 +314,7 @@ class Model(Trainer):
         model's input or first layer shows it is one; a Flatten first takes any rank, so there
         a shape of 4 axes or more given without None in front warns that its first size is
         taken as part of each sample."""
-        if not self.layers:
-            raise InputError("the model has no layers: " + (
-                "add() some before building it" if isinstance(self, Sequential) else
-                "an xpcnn.Model is the graph of the layers called from xpcnn.Input to its "
-                "outputs, Model(inputs, outputs) (a subclass passes them to super().__init__); "
-                "or use Sequential and add() layers"))
+        self._require_layers()
         if input_shape is None:
             input_shape = self._input_shape if self.built else getattr(
                 self, "_declared_input", None)
@@ -331,11 +326,37 @@ class Model(Trainer):
             input_shape = (None, *input_shape)  # (the model's own: no batch size in front)
         batch_first = not (isinstance(input_shape, list | tuple) and input_shape
                            and input_shape[0] is None)
-        input_shape = per_sample(input_shape)
-        shape = _sample_shape(input_shape)
+        shape = _sample_shape(per_sample(input_shape))
         known = self._input_shape if self.built else getattr(self, "_declared_input", None)
         if known is not None and shape[1:] == tuple(known):  # (Keras' build((32, H, W, C)))
-            raise _batch_size_given(self, input_shape, f"its input is {known}")
+            raise _batch_size_given(self, shape, f"its input is {known}")
+        seen = shape == getattr(self, "_shape_checked", None)  # (warned once: add() builds again)
+        try:
+            self._build_for(shape)
+        except InputError as e:
+            if len(shape) == 4 and not _builds_for(self.layers[0], shape) and \
+                    _builds_for(self.layers[0], shape[1:]):
+                # (a Conv2D first, which said only that it takes (H, W, C); images only:
+                # a Dense first given (6, 6) is told to flatten them)
+                raise _batch_size_given(self, shape, str(e)) from None
+            raise
+        if not seen and batch_first and len(shape) >= 4 and \
+                isinstance(self.layers[0], Flatten) and not checks.shape_warned():
+            # (Keras' build((8, 5, 5, 1)) is a batch of 8: a Flatten first takes any rank,
+            # and per-sample shapes of 4 axes are rare beside images' 3)
+            warn(f"model {self.name!r}.build({tuple(input_shape)!r}) builds it for samples "
+                 f"of shape {shape}, whose first layer, a Flatten, takes any rank: if "
+                 f"{shape[0]} is a batch size (Keras' build takes the batch's shape), "
+                 f"build a new model for {shape[1:]} or {(None, *shape[1:])}; pass "
+                 f"{(None, *shape)} to say that each sample is {shape}", UserWarning)
+
+    def _build_for(self, shape: tuple[int, ...]) -> None:
+        """Build for per-sample ``shape``, checked as :meth:`build` checks it: the builds xpcnn
+        makes itself (a declared input, a file's, the first data's, a change of layers) come
+        here, never warning that its first size may be a batch's, as only a shape given to
+        build may be."""
+        self._require_layers()
+        shape = _sample_shape(shape)
         graph.check_graph(self.layers, self._inbound())
         check_structure(self.layers)
         built_for = self._input_shape if self.built else None
@@ -343,34 +364,27 @@ class Model(Trainer):
             self._input_shape = shape
             try:
                 self._build_layers()
-            except BaseException as e:
+            except BaseException:
                 # (a layer refused the new shape, the layers before it built for it: a built
                 # model is built again for its own, with the weights it kept)
                 if built_for is not None:
                     self._input_shape = built_for
                     self._build_layers()
-                if isinstance(e, InputError) and len(shape) == 4 and \
-                        not _builds_for(self.layers[0], shape) and \
-                        _builds_for(self.layers[0], shape[1:]):
-                    # (a Conv2D first, which said only that it takes (H, W, C); images only:
-                    # a Dense first given (6, 6) is told to flatten them)
-                    raise _batch_size_given(self, input_shape, str(e)) from None
                 raise
         if shape != getattr(self, "_shape_checked", None):  # (once: add() builds again)
             self._shape_checked = shape
             checks.declared_shape(shape, self.name)  # (Input((3, 32, 32)), PyTorch's layout)
-            if batch_first and len(shape) >= 4 and isinstance(self.layers[0], Flatten) and \
-                    not checks.shape_warned():
-                # (Keras' build((8, 5, 5, 1)) is a batch of 8: a Flatten first takes any rank,
-                # and per-sample shapes of 4 axes are rare beside images' 3)
-                warn(f"model {self.name!r}.build({tuple(input_shape)!r}) builds it for samples "
-                     f"of shape {shape}, whose first layer, a Flatten, takes any rank: if "
-                     f"{shape[0]} is a batch size (Keras' build takes the batch's shape), "
-                     f"build a new model for {shape[1:]} or {(None, *shape[1:])}; pass "
-                     f"{(None, *shape)} to say that each sample is {shape}", UserWarning)
         # (the optimiser's state stays, as in Keras: built layers keep their weights and
         # their shapes, and the next step's plan starts it afresh only where the layers it
         # trains changed, see _plan)
+
+    def _require_layers(self) -> None:
+        if not self.layers:
+            raise InputError("the model has no layers: " + (
+                "add() some before building it" if isinstance(self, Sequential) else
+                "an xpcnn.Model is the graph of the layers called from xpcnn.Input to its "
+                "outputs, Model(inputs, outputs) (a subclass passes them to super().__init__); "
+                "or use Sequential and add() layers"))
 
     def _build_layers(self) -> None:
         with _building(self.layers, f"building model {self.name!r}"):
@@ -522,8 +536,10 @@ class Model(Trainer):
         """The shape of the output batch for an input batch of ``input_shape``, its batch
         axis first (None, or a size that the output keeps), as Keras 3's:
         ``model.compute_output_shape((None, 4))`` is ``(None, 2)``. The model is neither built
-        nor changed: a shape it is not built for is worked out on copies of its layers; a
-        layer refusing it raises as a build would."""
+        nor changed: a shape it is not built for is worked out on copies of its layers, built
+        one at a time, so that it costs, for a moment, the weights of its largest layer built
+        for that shape (a Conv2D's or BatchNorm2D's grow with the channels; not a Dense's,
+        whose copy is built for one feature); a layer refusing it raises as a build would."""
         if not (isinstance(input_shape, list | tuple) and len(input_shape) > 1 and (
                 input_shape[0] is None or isinstance(input_shape[0], int | np.integer)
                 and not isinstance(input_shape[0], bool) and input_shape[0] > 0)):
@@ -536,14 +552,16 @@ class Model(Trainer):
         batch = None if input_shape[0] is None else int(input_shape[0])
         if self.built and sample == self._input_shape:
             return (batch, *self._output_shape)
-        return (batch, *graph.trial_build(self.layers, self._inbound(), sample)[0])
+        return (batch, *graph.trial_build(self.layers, self._inbound(), sample))
 
     def _keeps_weights_for(self, sample: tuple[int, ...]) -> bool:
         """Whether building for per-sample ``sample`` would keep every layer's weights (a model
         of convolutions and global pooling on images of another size), worked out on copies
-        of the layers: the model stays as it is."""
+        of the layers up to the first whose weights would change, which is not built (no
+        weights drawn for large images): the model stays as it is."""
         try:
-            return graph.trial_build(self.layers, self._inbound(), sample)[1]
+            return graph.trial_build(self.layers, self._inbound(), sample, keeping=True) \
+                is not None
         except Exception:  # (a layer refusing the shape, a user's in its own way: no)
             return False
 
@@ -750,11 +768,13 @@ class Model(Trainer):
                 line_length: int | None = None, expand_nested: bool = False,
                 show_trainable: bool = False, **keras: Any) -> None:
         """Print each layer's name, type, output shape and weight count (and, in a graph, the
-        layers it reads; "frozen" after a layer the model does not train), then the trainable
-        and non-trainable counts, as Keras does; each line goes to ``print_fn`` (``print``
-        when None). Keras' ``line_length`` widens the table to that many characters (its
-        columns stay as wide as their contents need); ``show_trainable=True`` adds Keras'
-        "Trainable" column (Y or N); ``expand_nested`` is taken as True or False: a nested
+        layers it reads; "frozen" after a layer that fit leaves as it is: one the model does
+        not train, but not a BatchNorm2D whose own flag is True in a frozen model, which moves
+        its statistics there, as in Keras), then the trainable and non-trainable counts, as
+        Keras does; each line goes to ``print_fn`` (``print`` when None). Keras'
+        ``line_length`` widens the table to that many characters (its columns stay as wide as
+        their contents need); ``show_trainable=True`` adds Keras' "Trainable" column (Y or N,
+        as the "frozen" mark says); ``expand_nested`` is taken as True or False: a nested
         model's layers are listed one by one either way, as Keras' ``expand_nested=True``
         lists them. Keras' ``positions`` and ``layer_range`` are refused unless None, naming
         what to do instead."""
@@ -782,7 +802,9 @@ class Model(Trainer):
         chain = all(ins == (k,) for k, ins in enumerate(inbound))
         heads = ("Layer (type)", "Output shape", "Params") + (() if chain else ("Inputs",)) \
             + (("Trainable",) if show_trainable else ())
-        trained = [self._trainable and la.trainable for la in self.layers]
+        # (a BatchNorm2D unfrozen itself moves its statistics in a frozen model too, as in
+        # Keras: not shown frozen, though its parameters count as non-trainable)
+        trained = [self._trains(la) or la.trainable and la.moves_state for la in self.layers]
         rows = [(f"{la.name} ({type(la).__name__}){'' if t else ' frozen'}",
                  str((None, *la.output_shape)), f"{la.count_params():,}")
                 + (() if chain else (", ".join(names[i] for i in ins),))
@@ -866,7 +888,9 @@ class Model(Trainer):
         """The model's own flag, as Keras': while it is False the model trains none of its
         layers, whatever their own flags (``model.trainable = False`` then
         ``model.layers[-1].trainable = True`` trains nothing, and ``trainable_weights`` is
-        empty). Setting it sets every layer's flag too, as Keras does: True unfreezes them
+        empty): no trainable weight is updated; a BatchNorm2D unfrozen itself still moves its
+        statistics, as in Keras. Setting it sets every layer's flag too, and that of a model
+        added whole to this one (a Sequential's base), as Keras does: True unfreezes them
         all, and ``base.trainable = False`` on a model used inside another fine-tunes the
         rest. Inside that other model, only its own flag and the layers' count: a layer of
         the frozen base unfrozen since trains there, as in Keras. A frozen model (or one
@@ -884,18 +908,28 @@ class Model(Trainer):
         value = checks.flag(value, "trainable")
         for la in self.layers:
             la.trainable = value
+        # (a model added whole takes it too, as Keras' setter sets a nested model's: else
+        # outer.trainable = True left base.trainable False, and base.fit trained nothing)
+        for base in getattr(self, "_bases", ()):
+            if _held_at(self.layers, base.layers) is not None:
+                base.trainable = value
         self._trainable = value
         # (listed again: no layer's flag may have changed, yet the layers trained have)
         self._trained_at = None
+
+    def _trains(self, layer: Layer) -> bool:
+        """Whether this model trains ``layer`` (its parameters, where it has some): the
+        layer's own flag and the model's, which masks every layer's (see :attr:`trainable`);
+        :attr:`trainable_layers`, and through it the optimiser, checkpoints' slots and
+        ``trainable_weights``, and summary ask it."""
+        return self._trainable and layer.trainable
 
     @property
     def trainable_layers(self) -> list[Layer]:
         """The layers the optimiser updates, in weight order: those with parameters not
         frozen (``layer.trainable = False``); none while the model's own flag is False (see
         :attr:`trainable`)."""
-        if not self._trainable:
-            return []
-        return [la for la in self.layers if la.trainable and la.params]
+        return [la for la in self.layers if la.params and self._trains(la)]
 
     def _trained(self) -> tuple[Layer, ...]:
         """:attr:`trainable_layers`, listed again only after a layer was built, moved, frozen
@@ -926,19 +960,22 @@ class Model(Trainer):
 
     @property
     def trainable_weights(self) -> list[Weight]:
-        """The weights the optimiser updates: parameters of the layers not frozen; none while
-        the model's own flag is False (see :attr:`trainable`), as in Keras."""
-        if not self._trainable:
-            return []
-        return [w for w in self.weights if w.trainable]
+        """The weights the optimiser updates: the parameters of :attr:`trainable_layers`; none
+        while the model's own flag is False (see :attr:`trainable`), as in Keras."""
+        return [w for w, trained in self._weights_trained() if trained]
 
     @property
     def non_trainable_weights(self) -> list[Weight]:
         """The other weights: frozen layers' parameters, and state (BatchNorm's moving
         statistics); every weight while the model's own flag is False, as in Keras."""
-        if not self._trainable:
-            return self.weights
-        return [w for w in self.weights if not w.trainable]
+        return [w for w, trained in self._weights_trained() if not trained]
+
+    def _weights_trained(self) -> list[tuple[Weight, bool]]:
+        """Each of :attr:`weights` with whether the optimiser updates it (a parameter of one
+        of :attr:`trainable_layers`)."""
+        weights = self.weights  # (first: the layers as this model runs them)
+        trained = {id(la) for la in self.trainable_layers}
+        return [(w, id(w.layer) in trained and w.name in w.layer.params) for w in weights]
 
     def set_weights(self, weights: list[Any]) -> None:
         """Replace all weights; the list must match :meth:`get_weights` in length and shapes."""
@@ -1084,7 +1121,7 @@ class Sequential(Model):
                 self._add(layer)
             input_shape = input_shape if input_shape is not None else self._declared_input
             if input_shape is not None and self.layers:
-                self.build((None, *_sample_shape(input_shape)))  # (per sample, as Keras')
+                self._build_for(input_shape)  # (per sample, as Keras')
             elif input_shape is not None:  # (no layers yet: declared, as add(Input) does)
                 self._declared_input = _sample_shape(input_shape)
         if not trainable:  # (the layers given, and those added later: see trainable)
@@ -1126,12 +1163,12 @@ class Sequential(Model):
             shape = self._declared_input
         if shape is not None:
             try:
-                self.build((None, *shape))
+                self._build_for(shape)
             except BaseException:  # (refused as a whole: the model as it was)
                 list.__delitem__(self.layers, slice(held, None))
                 self.built, self._declared_input = False, declared
                 if held:
-                    self.build((None, *shape))
+                    self._build_for(shape)
                 raise
         if frozen:  # (a frozen model's new layers are frozen: see trainable)
             for la in self.layers[held:]:
@@ -1210,7 +1247,7 @@ class Sequential(Model):
                                     self.seed)
                 shape = self.layers[at - 1].output_shape if at else self._input_shape
                 built.append((base, base._symbolic, _attributes(list(base.layers))))
-                base.build((None, *shape))
+                base._build_for(shape)
             super()._build_layers()
         except BaseException:
             for base, symbolic, attributes in reversed(built):
@@ -1228,7 +1265,7 @@ class Sequential(Model):
         if shape is not None and self.layers:
             # (the optimiser's state kept: the next step's plan starts it afresh only where the
             # trained layers changed, as after a freeze)
-            self.build((None, *shape))
+            self._build_for(shape)
         elif shape is not None:  # (emptied: its input kept, as Keras keeps its InputLayer, and
             self._declared_input = shape  # the next add() builds for it)
 
@@ -1295,7 +1332,7 @@ def _from_config(cls: type[Model], config: Any, device: DeviceLike) -> Any:
     with checks.warned_shape():  # (a channels-first shape was warned of when declared)
         model = cls.from_config(config, layers, device)
         if shape:
-            model.build(input_shape)
+            model._build_for(input_shape)
     return model
 
 

@@ -314,14 +314,10 @@ def _json_value(value: Any, name: str, key: str, path: list[Any],
     return value
 
 
-def _slot_owners(model: Any, trainable: list[bool] | None = None) -> list[tuple[Any, str]]:
-    """(layer, weight name) of each optimiser slot, in slot order: the trainable parameters
-    (of the layers ``trainable`` names, one flag a layer, where given; else of those the model
-    trains: none while its own flag is False, whatever theirs)."""
-    if trainable is None:
-        trainable = [model.trainable and la.trainable for la in model.layers]
-    return [(la, k) for la, t in zip(model.layers, trainable, strict=True) if t
-            for k in la.params]
+def _slot_owners(model: Any) -> list[tuple[Any, str]]:
+    """(layer, weight name) of each optimiser slot, in slot order: the parameters of the
+    layers the model trains (``trainable_layers``), in the optimiser's order."""
+    return [(la, k) for la in model.trainable_layers for k in la.params]
 
 
 # -- reading ----------------------------------------------------------------------------------
@@ -522,37 +518,33 @@ def _restore(model: Any, config: dict[str, Any], npz: NpzArchive) -> Checkpoint:
         raise _invalid(path, "no optimizer state")
     iterations, applied, lr_factor = _optimizer_counts(ostate, path)
     # Which layers the run trained then (a callback may freeze or unfreeze some mid-run): they
-    # come back with the slots, which are theirs, so that the run goes on as it would have.
-    # (The layers were checked against the model's already.)
-    trainable = [spec.get("trainable", True) is not False for spec in config["model"]["layers"]]
-    own = config["model"].get("trainable", True) is not False  # (the model's own flag)
-    slots = _read_slots(model, config, ostate, npz,
-                        _slot_owners(model, [own and t for t in trainable]))
-    loss_scale, good_steps = _loss_scale(model, config, path)
-    counters = _random_counters(model, config, path)
-    progress = read_progress(config.get("progress"), path)
-    offset = _int(config.get("epoch_offset", 0), "epoch_offset", path)  # (0: older files')
-    # (older files: the epochs up to the one in progress, begun where it is inside one)
-    begun = _int(config.get("epochs_begun", offset + progress.epoch + (progress.step > 0)),
-                 "epochs_begun", path)
-    history = _history(config.get("history"), path)
-    if _acc_logged_as_accuracy(model, compile_settings(config["model"].get("compile"))):
-        _rename_accuracy(history)
-    run = config.get("run")
-    if not isinstance(run, dict):
-        raise _invalid(path, "no run description")
-
-    # The settings a callback may have changed mid-run (Dropout's rate...), which the check
-    # of the architecture left out: the file's, as the run had them when it was written.
-    undo = _take_settings(model, config["model"]["layers"], path)
+    # come back first, with the slots, which are theirs, so that the run goes on as it would
+    # have; put back with the settings where the file is refused.
+    undo = _take_flags(model, config["model"])
     try:
+        slots = _read_slots(model, config, ostate, npz, _slot_owners(model))
+        loss_scale, good_steps = _loss_scale(model, config, path)
+        counters = _random_counters(model, config, path)
+        progress = read_progress(config.get("progress"), path)
+        offset = _int(config.get("epoch_offset", 0), "epoch_offset", path)  # (0: older files')
+        # (older files: the epochs up to the one in progress, begun where it is inside one)
+        begun = _int(config.get("epochs_begun", offset + progress.epoch + (progress.step > 0)),
+                     "epochs_begun", path)
+        history = _history(config.get("history"), path)
+        if _acc_logged_as_accuracy(model, compile_settings(config["model"].get("compile"))):
+            _rename_accuracy(history)
+        run = config.get("run")
+        if not isinstance(run, dict):
+            raise _invalid(path, "no run description")
+        # The settings a callback may have changed mid-run (Dropout's rate...), which the
+        # check of the architecture left out: the file's, as the run had them when written.
+        undo += _take_settings(model, config["model"]["layers"], path)
         set_weights_from_file(model, npz)  # checks shapes before replacing anything
     except BaseException:
         _put_back(undo)
         raise
-    for la, t in zip(model.layers, trainable, strict=True):
-        la.trainable = t
-    model._trainable, model._trained_at = own, None
+    finally:
+        model._trained_at = None  # (listed again: Layer.rebuilds misses the model's own flag)
     model._restore_training_state(
         iterations=iterations, lr_factor=lr_factor, slots=slots, applied=applied,
         loss_scale=loss_scale, good_steps=good_steps, epoch_offset=offset,
@@ -693,6 +685,18 @@ def _take_settings(model: Any, specs: list[Any], path: str) -> list[tuple[Any, s
                                       f"({type(layer).__name__}) has {name} {value!r}: {e}"
                                       ) from e
             undo.append((layer, name, old))
+    return undo
+
+
+def _take_flags(model: Any, mconf: dict[str, Any]) -> list[tuple[Any, str, Any]]:
+    """Give ``model`` and its layers the ``trainable`` flags of the file's model ``mconf``
+    (checked with its configuration: bools, where written); returns what :func:`_put_back`
+    undoes."""
+    undo: list[tuple[Any, str, Any]] = [(model, "_trainable", model._trainable)]
+    model._trainable = mconf.get("trainable", True)
+    for layer, spec in zip(model.layers, mconf["layers"], strict=True):
+        undo.append((layer, "trainable", layer.trainable))
+        layer.trainable = spec.get("trainable", True)
     return undo
 
 

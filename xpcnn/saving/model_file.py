@@ -28,8 +28,8 @@ from .. import checks, distributed
 from ..backend import PRECISIONS, DeviceLike, precision_dtype
 from ..errors import DataFormatError, InputError, NonFiniteError, of_xpcnn, warn
 from ..files import written_file
-from ..graph import Inbound, check_graph, inbound_of
-from ..layers import BatchNorm2D, Conv2D, Dense, Normalization
+from ..graph import Inbound, check_graph, inbound_of, weight_count
+from ..layers import Normalization
 from ..layers.arguments import rebuilding
 from ..layers.base import LAYER_TYPES, Layer, setting_names
 from ..losses import loss_from_config
@@ -380,7 +380,7 @@ def model_from_file(config: Any, npz: NpzArchive, device: DeviceLike = "cpu",
         check_sizes(layers, input_shape, npz, graph_of(config, layers, path))
         with checks.warned_shape():  # (a channels-first shape was warned of when declared)
             model = _rebuilt(cls, config, layers, device)
-            model.build(input_shape)
+            model._build_for(input_shape)
         if compiled is not None:
             if PRECISIONS.get(compiled["precision"]) is not None:  # (the way out named)
                 precision_dtype(model.backend, compiled["precision"], f"{path} is compiled "
@@ -556,6 +556,9 @@ def check_model_fields(config: dict[str, Any], path: str) -> None:
     if "name" in config and not isinstance(config["name"], str):
         raise DataFormatError(f"{path}: invalid model configuration: name is "
                               f"{config['name']!r}, expected a string")
+    if not isinstance(config.get("trainable", True), bool):  # (the model's own flag)
+        raise DataFormatError(f"{path}: invalid model configuration: trainable is "
+                              f"{config['trainable']!r}, expected true or false")
 
 
 def input_shape_of(config: dict[str, Any], path: str) -> tuple[int, ...]:
@@ -690,7 +693,7 @@ def _checked_single_input(layer: Layer, i: int, shape: tuple[int, ...], npz: Npz
     if too_big:
         raise DataFormatError(f"{path}: layer {i} ({type(layer).__name__}) would {too_big}: "
                               "the file is corrupt or not a model")
-    need = 0 if in_config else _weight_count(layer, shape)
+    need = 0 if in_config else weight_count(layer, shape)
     if need is not None:
         have = sum(math.prod(npz.header(k)[0]) for k in npz.entries
                    if k.startswith(f"layer{i}."))
@@ -700,23 +703,6 @@ def _checked_single_input(layer: Layer, i: int, shape: tuple[int, ...], npz: Npz
                                   f"holds {have}")
     # (on a copy: the model's own build then gives a random layer its own stream, [seed, k])
     return layer.unbuilt_copy().build(shape, "cpu", "float32", None, np.random.default_rng(0))
-
-
-def _weight_count(layer: Layer, shape: tuple[int, ...]) -> int | None:
-    """How many weight values ``layer`` creates for per-sample ``shape`` (None: not known here;
-    a wrong rank is left for the layer's own build to report)."""
-    if isinstance(layer, Dense):
-        return shape[0] * layer.units + layer.units * layer.use_bias if len(shape) == 1 else None
-    if isinstance(layer, Conv2D):
-        if len(shape) != 3:
-            return None
-        kh, kw = layer.kernel_size
-        return kh * kw * shape[2] * layer.filters + layer.filters * layer.use_bias
-    if isinstance(layer, BatchNorm2D):
-        return 4 * shape[-1]
-    if isinstance(layer, Normalization):  # (adapted: its mean and variance, (C,) each)
-        return 2 * shape[-1] if layer.adapted else 0
-    return 0 if not layer.weight_names else None
 
 
 def set_weights_from_file(model: Any, npz: NpzArchive) -> None:
@@ -899,7 +885,7 @@ def build_for_file(model: Any, config: dict[str, Any], npz: NpzArchive) -> None:
     except InputError as e:  # the model's layers do not take that shape
         raise DataFormatError(f"{npz.path} holds a model for inputs of shape {shape}, which "
                               f"this model cannot take: {e}") from e
-    model.build(shape)
+    model._build_for(shape)  # (a file's shape: no warning that it may hold a batch size)
 
 
 def normal(obj: Any) -> Any:

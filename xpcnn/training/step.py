@@ -350,8 +350,8 @@ class TrainingStep(_Network):
         with self.backend.on_device():
             xb, yb = (xp.astype(a, xp.uint8) if a.dtype == xp.bool else a for a in (xb, yb))
             if yb.ndim == 2 and tuple(yb.shape)[1] == self.num_classes and \
-                    xp.isdtype(yb.dtype, "integral"):
-                yb = xp.astype(yb, self._param_dtype)
+                    checks.real_numbers(xp, yb.dtype) and not checks.real_floating(xp, yb.dtype):
+                yb = xp.astype(yb, self._param_dtype)  # (integers; bfloat16 is no NumPy dtype)
         check_real_images(xb, xp)
         floating = checks.real_floating(xp, yb.dtype)  # (bfloat16 included)
         checks.check_label_layout(tuple(yb.shape),
