@@ -158,10 +158,13 @@ _CROP = (r"xpcnn's RandomCrop\(padding=4\) pads each image by `padding` zeros an
 
 
 @pytest.mark.parametrize("args, kwargs, said", [
-    ((28, 28), {}, r"RandomCrop\(28, 28\): Keras' order, RandomCrop\(height, width, seed, "
-                   r"data_format\), reads height=28, width=28; xpcnn's order is "
-                   r"RandomCrop\(padding, name\), its second argument the layer's name\. "
-                   + _CROP),
+    ((28, 28), {}, r"RandomCrop\(28, 28\): Keras' order, RandomCrop\(height, width, \.\.\.\), "
+                   r"reads height=28, width=28; xpcnn's order is RandomCrop\(padding, \*, "
+                   r"name\)\. " + _CROP + r".*\. torchvision's order, RandomCrop\(size, "
+                   r"padding\)\? xpcnn's RandomCrop takes no size"),
+    # (Keras' seed=None, positional: was taken, the None at the name's place as no name)
+    ((3, None, None), {}, r"RandomCrop\(3, None, None\): Keras' order, .*reads height=3, "
+                          r"width=None, seed=None; .*" + _CROP),
     ((28, 28, 1), {}, r"reads height=28, width=28, seed=1; .*" + _CROP + r".*random layers take "
                       "no seed"),
     ((), {"height": 28, "width": 28}, r"RandomCrop\(height=28\): Keras' keyword, which "
@@ -174,7 +177,7 @@ _CROP = (r"xpcnn's RandomCrop\(padding=4\) pads each image by `padding` zeros an
     ((4,), {"input_shape": (32, 32, 3)}, r"RandomCrop\(input_shape=\(32, 32, 3\)\): .*give "
                                          "the model the input shape"),
     ((32,), {"padding": 4}, r"RandomCrop\(32, padding=4\): padding given by position and by "
-                            r"keyword: xpcnn's order is RandomCrop\(padding, name\).*"
+                            r"keyword: xpcnn's order is RandomCrop\(padding, \*, name\)\. "
                             r"torchvision's order, RandomCrop\(size, padding\)\? xpcnn's "
                             r"RandomCrop takes no size.* is RandomCrop\(padding=4\)"),
     ((), {"size": 32}, r"RandomCrop\(size=32\): PyTorch's keyword.*takes no size"),
@@ -199,57 +202,126 @@ def test_random_crop_takes_the_defaults_the_other_layers_take():
                    {"seed": None}, {"fill": 0}, {"padding_mode": "constant"},
                    {"pad_if_needed": False}):
         assert RandomCrop(3, **kwargs).get_config() == {"name": "randomcrop", "padding": 3}
-    assert RandomCrop(3, None, None).padding == 3  # (Keras' seed=None, positional)
-    assert RandomCrop(2, "crop").name == "crop"
+    assert RandomCrop(3, name="crop").name == "crop"
     with pytest.raises(TypeError, match="unexpected keyword argument 'paddin'"):
         RandomCrop(paddin=2)
     assert RandomCrop.from_config(RandomCrop(3, trainable=False).get_config()).padding == 3
 
 
+_NHWC = r"xpcnn's images are always \(N, H, W, C\)"
+
+
 @pytest.mark.parametrize("make, said", [
     (lambda L: L.RandomFlip("horizontal", 42),
-     r"RandomFlip\('horizontal', 42\): Keras' order, RandomFlip\(mode, seed, data_format\), "
-     r"reads mode='horizontal', seed=42; xpcnn's order is RandomFlip\(mode, name\), its second "
-     r"argument the layer's name\. xpcnn's random layers take no seed of their own"),
+     r"RandomFlip\('horizontal', 42\): Keras' order, RandomFlip\(mode, seed, \.\.\.\), reads "
+     r"mode='horizontal', seed=42; xpcnn's order is RandomFlip\(mode, \*, name\)\. xpcnn's "
+     r"random layers take no seed of their own"),
     (lambda L: L.RandomFlip("horizontal", None, "channels_first"),
      r"reads mode='horizontal', seed=None, data_format='channels_first'.*always \(N, H, W, C\)"),
     (lambda L: L.Dropout(0.5, (None, 1, 8)),
-     r"Dropout\(0.5, \(None, 1, 8\)\): Keras' order, Dropout\(rate, noise_shape, seed\), reads "
-     r"rate=0.5, noise_shape=\(None, 1, 8\); xpcnn's order is Dropout\(rate, name\).*drops each "
-     r"value on its own \(no noise_shape\)"),
+     r"Dropout\(0.5, \(None, 1, 8\)\): Keras' order, Dropout\(rate, noise_shape, \.\.\.\), reads "
+     r"rate=0.5, noise_shape=\(None, 1, 8\); xpcnn's order is Dropout\(rate, \*, name\).*drops "
+     r"each value on its own \(no noise_shape\)"),
     (lambda L: L.Dropout(0.5, None, 3), r"reads rate=0.5, noise_shape=None, seed=3; .*random "
                                         "layers take no seed"),
-    (lambda L: L.Dropout(0.5, "drop", None, 1), r"Dropout\(0.5, 'drop', None, 1\): Keras' order"),
+    (lambda L: L.Dropout(0.5, None, None, 1),
+     r"Dropout\(0.5, None, None, 1\): Keras' order, Dropout\(rate, noise_shape, seed\), reads "
+     r"rate=0.5, noise_shape=None, seed=None, and no more"),
     (lambda L: L.RandomFlip(p=0.3), r"RandomFlip\(p=0.3\): PyTorch's keyword.*probability 1/2"),
-    # (the name a keyword: Keras' positionals named as Keras reads them, review R1)
     (lambda L: L.Dropout(0.5, (None, 1, 8), name="d"),
      r"Dropout\(0.5, \(None, 1, 8\), name='d'\): Keras' order.*noise_shape=\(None, 1, 8\);.*"
      r"\(no noise_shape\)"),
-    (lambda L: L.RandomFlip("horizontal", 42, name="flip"),
-     r"reads mode='horizontal', seed=42; .*take no seed of their own"),
+    # (a layer's name is a keyword, as in Keras: a string there was taken for the name; review
+    # h8 1: the pools' channels_first data_format, Dense's bias_initializer...)
+    (lambda L: L.Dropout(0.5, "drop"), r"reads rate=0.5, noise_shape='drop'; .*no noise_shape"),
+    (lambda L: L.MaxPool2D(2, 2, "valid", "channels_first"),
+     r"MaxPool2D\(2, 2, 'valid', 'channels_first'\): Keras' order, MaxPool2D\(pool_size, "
+     r"strides, padding, data_format, \.\.\.\), reads pool_size=2, strides=2, padding='valid', "
+     r"data_format='channels_first'; xpcnn's order is MaxPool2D\(pool_size, strides, padding, "
+     r"\*, name\)\. " + _NHWC),
+    (lambda L: L.AvgPool2D(3, 1, "same", "channels_first"), r"AvgPool2D\(.*" + _NHWC),
+    (lambda L: L.Flatten("channels_first"),
+     r"Flatten\('channels_first'\): Keras' order, Flatten\(data_format\), reads "
+     r"data_format='channels_first'; xpcnn's order is Flatten\(\*, name\)\. " + _NHWC),
+    (lambda L: L.GlobalAvgPool2D("channels_first"), r"GlobalAvgPool2D\(.*" + _NHWC),
+    (lambda L: L.GlobalAvgPool2D("channels_last", True),
+     r"reads data_format='channels_last', keepdims=True; .*gives \(N, C\) \(keepdims=False only"),
+    (lambda L: L.Dense(3, None, True, "glorot_uniform", "ones"),
+     r"Dense\(3, None, True, 'glorot_uniform', 'ones'\): Keras' order, Dense\(units, activation, "
+     r"use_bias, kernel_initializer, bias_initializer, \.\.\.\), reads .*bias_initializer='ones'; "
+     r"xpcnn's order is Dense\(units, activation, use_bias, kernel_initializer, \*, name\)\. "
+     r"the bias starts at zeros"),
+    (lambda L: L.Dense(3, None, True, "glorot_uniform", "zeros", "l2"),
+     r"kernel_regularizer='l2'; .*take no regularizer"),
+    (lambda L: L.ReLU(6.0, 0.1), r"ReLU\(6.0, 0.1\): Keras' order, ReLU\(max_value, "
+                                 r"negative_slope, \.\.\.\), reads max_value=6.0, "
+                                 r"negative_slope=0.1; .*no negative slope"),
+    (lambda L: L.Softmax(1), r"Softmax\(1\): .*reads axis=1; .*over the last axis"),
+    (lambda L: L.BatchNorm2D(-1, 0.99, 0.001),
+     r"BatchNorm2D\(-1, 0.99, 0.001\): Keras' order, BatchNorm2D\(axis, momentum, epsilon, "
+     r"\.\.\.\), reads axis=-1, momentum=0.99, epsilon=0.001; xpcnn's order is "
+     r"BatchNorm2D\(momentum, eps, \*, name\)\. .*the last axis.*BatchNorm2D\(eps=0.001\); its "
+     r"momentum is PyTorch's too, .*Keras' momentum=0.99 is BatchNorm2D\(momentum=0.01\)"),
+    (lambda L: L.Conv2D(8, 3, 1, "valid", None, 2),
+     r"Conv2D\(8, 3, 1, 'valid', None, 2\): Keras' order, Conv2D\(filters, kernel_size, "
+     r"strides, padding, data_format, dilation_rate, \.\.\.\), reads .*dilation_rate=2; xpcnn's "
+     r"order is Conv2D\(filters, kernel_size, strides, padding, \*, activation, use_bias, "
+     r"kernel_initializer, name\)\. xpcnn's Conv2D has no dilation \(dilation_rate 1 only\)$"),
+    (lambda L: L.Conv2D(8, 3, 1, "same", "channels_first"), r"data_format='channels_first'; .*"
+                                                           + _NHWC),
+    (lambda L: L.Conv2D(8, 3, 1, "same", "relu"), r"reads .*data_format='relu'; .*\*, "
+                                                  r"activation, use_bias"),
+    (lambda L: L.Normalization([0.5], [0.25], [0.0625]),
+     r"Keras' order, Normalization\(axis, mean, variance, \.\.\.\), reads axis=\[0.5\], "
+     r"mean=\[0.25\], variance=\[0.0625\]; xpcnn's order is Normalization\(mean, std, \*, name, "
+     r"variance, adapted\)\. .*normalizes each channel"),
 ])
 def test_keras_positional_arguments_are_refused_by_their_keras_name(make, said):
-    """Keras' second positional argument (RandomFlip's seed, Dropout's noise_shape) was read
-    as the layer's name ("layer name must be a non-empty string or None, got 42"), a third
-    was a bare TypeError."""
+    """Keras' positional arguments beyond xpcnn's (RandomFlip's seed, Dropout's noise_shape, a
+    pool's data_format...) were read as the layer's name ("layer name must be a non-empty
+    string or None, got 42", or silently a name: MaxPool2D(2, 2, "valid", "channels_first")
+    pooled (N, H, W, C) as named 'channels_first'), or were a bare TypeError, or taken for
+    another argument (Conv2D's 5th for the activation): now read as Keras reads them."""
     import xpcnn.layers as L
 
     with pytest.raises(InputError, match=said):
         make(L)
 
 
-def test_keras_positional_defaults_and_names_are_taken():
-    from xpcnn.layers import Dropout, RandomFlip
+def test_keras_positional_defaults_and_keywords_are_taken():
+    """Keras' positional arguments beyond xpcnn's are taken at Keras' defaults, and passed as
+    xpcnn's keywords where it takes them (Conv2D's activation, a pool's name); the name is a
+    keyword, as in Keras."""
+    import xpcnn.layers as L
 
-    assert Dropout(0.5, None, None).get_config() == {"name": "dropout", "rate": 0.5}
-    assert Dropout(0.5, "d").name == "d" and RandomFlip("horizontal", "f").name == "f"
-    assert RandomFlip("horizontal", None, "channels_last").get_config() == {"name": "randomflip"}
-    assert RandomFlip(p=0.5).get_config() == {"name": "randomflip"}
-    # Keras' defaults by position, the name by keyword (was: "name given by position and by
-    # keyword", review R1)
-    assert Dropout(0.5, None, name="drop").get_config() == {"name": "drop", "rate": 0.5}
-    assert Dropout(0.5, None, None, name="drop").name == "drop"
-    assert RandomFlip("horizontal", None, name="flip").get_config() == {"name": "flip"}
+    def same(layer, like):
+        assert type(layer) is type(like) and layer.get_config() == like.get_config()
+
+    same(L.Dropout(0.5, None, None), L.Dropout(0.5))
+    same(L.RandomFlip("horizontal", None, "channels_last"), L.RandomFlip())
+    same(L.RandomFlip(p=0.5), L.RandomFlip())
+    same(L.Dropout(0.5, None, name="drop"), L.Dropout(0.5, name="drop"))
+    same(L.Dropout(0.5, None, None, name="drop"), L.Dropout(0.5, name="drop"))
+    same(L.RandomFlip("horizontal", None, name="flip"), L.RandomFlip(name="flip"))
+    same(L.MaxPool2D(2, 2, "valid", "channels_last", "pool"), L.MaxPool2D(2, name="pool"))
+    same(L.AvgPool2D(3, 1, "same", None), L.AvgPool2D(3, 1, "same"))
+    same(L.Flatten(None), L.Flatten())
+    same(L.GlobalAvgPool2D("channels_last", False), L.GlobalAvgPool2D())
+    same(L.Softmax(-1), L.Softmax())
+    same(L.ReLU(6.0, 0.0, 0), L.ReLU(6.0))
+    same(L.Dense(3, None, True, "he_normal", "zeros", None, None, None, None, None, None, None,
+                 None), L.Dense(3, kernel_initializer="he_normal"))
+    same(L.Conv2D(8, 3, 2, "same", "channels_last", 1, 1, "relu", False, "he_normal", "zeros",
+                  None), L.Conv2D(8, 3, 2, "same", activation="relu", use_bias=False,
+                                  kernel_initializer="he_normal"))
+    for make in (lambda: L.MaxPool2D(2, 2, "valid", None, "p", name="q"),
+                 lambda: L.Conv2D(8, 3, 1, "same", None, 1, 1, "relu", activation="relu")):
+        with pytest.raises(InputError, match="given by position and by keyword"):
+            make()
+    for make in (lambda: L.FeatureNorm(1e-5, "fn"), lambda: L.Add("add"),
+                 lambda: L.Concatenate(-1, "cat"), lambda: L.Rescaling(0.5, 0.0, "scale")):
+        with pytest.raises(TypeError, match="positional argument"):
+            make()
 
 
 @pytest.mark.parametrize("make, said", [

@@ -8,6 +8,7 @@ from typing import Any
 from ..errors import InputError
 from ..ops.kernels import kernels_for
 from ..ops.softmax import softmax, softmax_backward
+from .arguments import keras_positional
 from .base import DEFAULT, Layer, Options, Setting
 
 
@@ -29,7 +30,8 @@ class ReLU(Layer):
     max_value = Setting(_check_max_value)
     input_values = "passes"  # (in the input's dtype)
 
-    def __init__(self, max_value: float | None = None, name: str | None = None) -> None:
+    @keras_positional  # (Keras' ReLU(max_value, negative_slope, threshold))
+    def __init__(self, max_value: float | None = None, *, name: str | None = None) -> None:
         super().__init__(name)
         self.max_value = max_value
 
@@ -62,7 +64,8 @@ class ReLU(Layer):
 class Softmax(Layer):
     """Probabilities over the last axis. With cross-entropy the model fuses it into the loss."""
 
-    def __init__(self, name: str | None = None) -> None:  # (Keras' keywords refused by name)
+    @keras_positional  # (Keras' Softmax(axis))
+    def __init__(self, *, name: str | None = None) -> None:
         super().__init__(name)
 
     def forward(self, x: Any, training: bool = False, options: Options = DEFAULT) -> Any:

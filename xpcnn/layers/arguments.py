@@ -6,6 +6,7 @@ from __future__ import annotations
 import contextlib
 import contextvars
 import functools
+import inspect
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -206,6 +207,9 @@ KERAS_DEFAULTS: dict[str, dict[str, tuple[Any, ...]]] = {
 
 _INFERRED = "xpcnn infers it from the input: leave {key} out"
 _IN_PLACE = "xpcnn's layers do not work in place (inplace=False only)"
+_TORCHVISION_SIZE = ("xpcnn's RandomCrop takes no size: it crops each padded image back to the "
+                     "input's own size (torchvision's RandomCrop(32, padding=4) of 32x32 images "
+                     "is RandomCrop(padding=4))")
 _TORCH_DILATION = "no dilation (dilation=1 only)"
 _TORCH_POOL: dict[str, tuple[str, ...] | str] = {
     "kernel_size": ("pool_size",), "stride": ("strides",),
@@ -246,9 +250,7 @@ TORCH_KEYWORDS: dict[str, dict[str, tuple[str, ...] | str]] = {
     "Softmax": {"dim": ("xpcnn's Softmax is over the last axis (dim=-1 only; for (N, classes) "
                         "scores that is PyTorch's dim=1)")},
     # (torchvision's transforms: RandomCrop, and RandomHorizontalFlip's p)
-    "RandomCrop": {"size": ("xpcnn's RandomCrop takes no size: it crops each padded image back "
-                            "to the input's own size (torchvision's RandomCrop(32, padding=4) of "
-                            "32x32 images is RandomCrop(padding=4))"),
+    "RandomCrop": {"size": _TORCHVISION_SIZE,
                    "fill": "xpcnn's RandomCrop pads with zeros (fill=0 only)",
                    "padding_mode": ("xpcnn's RandomCrop pads with zeros "
                                     "(padding_mode='constant' only)"),
@@ -317,70 +319,111 @@ def refuse_foreign_keywords(cls: type, init: Any, given: dict[str, Any]) -> dict
     return kept
 
 
-#: Keras 3's positional order of the layers whose second argument is not xpcnn's (the layer's
-#: name): by the name of the xpcnn class whose constructor is called.
+#: Keras 3's positional order of each built-in layer whose Keras twin takes more positional
+#: arguments than xpcnn's layer (whose name, as Keras' in **kwargs, is a keyword): by the name
+#: of the xpcnn class whose constructor is called. See :func:`keras_positional`.
 KERAS_ORDER: dict[str, tuple[str, ...]] = {
+    "Dense": ("units", "activation", "use_bias", "kernel_initializer", "bias_initializer",
+              "kernel_regularizer", "bias_regularizer", "activity_regularizer",
+              "kernel_constraint", "bias_constraint", "lora_rank", "lora_alpha",
+              "quantization_config"),
+    "Conv2D": ("filters", "kernel_size", "strides", "padding", "data_format", "dilation_rate",
+               "groups", "activation", "use_bias", "kernel_initializer", "bias_initializer",
+               "kernel_regularizer", "bias_regularizer", "activity_regularizer",
+               "kernel_constraint", "bias_constraint"),
+    "_Pool2D": ("pool_size", "strides", "padding", "data_format", "name"),
+    "GlobalAvgPool2D": ("data_format", "keepdims"),
+    "Flatten": ("data_format",),
+    "ReLU": ("max_value", "negative_slope", "threshold"),
+    "Softmax": ("axis",),
+    "BatchNorm2D": ("axis", "momentum", "epsilon", "center", "scale", "beta_initializer",
+                    "gamma_initializer", "moving_mean_initializer",
+                    "moving_variance_initializer", "beta_regularizer", "gamma_regularizer",
+                    "beta_constraint", "gamma_constraint", "renorm", "renorm_clipping",
+                    "renorm_momentum", "synchronized"),
     "Dropout": ("rate", "noise_shape", "seed"),
     "RandomFlip": ("mode", "seed", "data_format"),
-    "RandomCrop": ("height", "width", "seed", "data_format"),
+    "RandomCrop": ("height", "width", "seed", "data_format", "name"),
+    "Normalization": ("axis", "mean", "variance", "invert"),
 }
-#: torchvision's positional order where it differs from xpcnn's, likewise.
-TORCH_ORDER: dict[str, tuple[str, ...]] = {"RandomCrop": ("size", "padding")}
-
-
-def keras_positional(init: Callable[..., None]) -> Callable[..., None]:
-    """``init``, a constructor of :data:`KERAS_ORDER`, refusing the positional arguments it
-    reads otherwise than Keras (or torchvision) does, named as those read them: one where xpcnn's
-    name goes that is no name (Keras' RandomFlip("horizontal", 42): its seed), one beyond
-    xpcnn's arguments, one also given by keyword (torchvision's RandomCrop(32, padding=4));
-    Python's TypeError and "layer name must be a string" named none of them. Beyond xpcnn's
-    arguments, Keras' defaults are taken, as :func:`refuse_foreign_keywords` takes them."""
-    owner = init.__qualname__.partition(".")[0]
-    params = named_parameters(init)
-    keras = KERAS_ORDER[owner]
-    defaults = KERAS_DEFAULTS.get(owner, {})
-    at_name = params.index("name")
-
-    @functools.wraps(init)
-    def checked(self: Any, *args: Any, **kwargs: Any) -> None:
-        # (the positionals read as Keras reads them from here on: those beyond xpcnn's, and
-        # from the name's place where the name is a keyword, Keras' Dropout(0.5, None, name=))
-        keras_from = at_name if "name" in kwargs else len(params)
-        twice = [k for k in params[:min(len(args), keras_from)] if k in kwargs]
-        foreign = [i for i, v in enumerate(args)
-                   if i == at_name < keras_from and not (v is None or isinstance(v, str))
-                   or i >= keras_from and not (i < len(keras)
-                                               and is_one_of(v, defaults.get(keras[i], ())))]
-        if twice or foreign:
-            raise InputError(_positional_error(owner, params, args, kwargs, twice, foreign))
-        init(self, *args[:keras_from], **kwargs)
-
-    return checked
-
-
-def _positional_error(owner: str, params: list[str], args: tuple[Any, ...],
-                      kwargs: dict[str, Any], twice: list[str], foreign: list[int]) -> str:
-    """The message of :func:`keras_positional`'s refusal."""
-    shown = ", ".join([*map(repr, args), *(f"{k}={v!r}" for k, v in kwargs.items())])
-    ours = f"xpcnn's order is {owner}({', '.join(params)}), its second argument the layer's name"
-    if twice:
-        torch = TORCH_ORDER.get(owner)
-        why = (f"; torchvision's order, {owner}({', '.join(torch)})? "
-               f"{TORCH_KEYWORDS[owner][torch[0]]}" if torch else "")
-        return f"{owner}({shown}): {twice[0]} given by position and by keyword: {ours}{why}"
-    keras = KERAS_ORDER[owner]
-    reading = ", ".join(f"{k}={v!r}" for k, v in zip(keras, args, strict=False))
-    whys = dict.fromkeys(KERAS_KEYWORDS[owner][keras[i]] for i in foreign
-                         if i < len(keras) and keras[i] in KERAS_KEYWORDS[owner])
-    return (f"{owner}({shown}): Keras' order, {owner}({', '.join(keras)}), reads {reading}; "
-            f"{ours}{''.join(f'. {why}' for why in whys)}")
-
-
 #: How PyTorch's positional layer signatures differ from xpcnn's (Keras'), for the errors
 #: a line-by-line port meets.
 TORCH_CONV_ORDER = ("PyTorch's order, nn.Conv2d(in_channels, out_channels, kernel_size, "
                     "stride)? xpcnn's is Conv2D(filters, kernel_size, strides, padding), as "
                     "Keras', the input's channels inferred")
+#: PyTorch's (torchvision's) positional order where :func:`keras_positional` meets it, likewise:
+#: said where a refused call's positionals are all numbers, as PyTorch's are.
+TORCH_ORDER: dict[str, str] = {
+    "Conv2D": TORCH_CONV_ORDER,
+    "RandomCrop": f"torchvision's order, RandomCrop(size, padding)? {_TORCHVISION_SIZE}"}
+
+
+def keras_positional(init: Callable[..., None]) -> Callable[..., None]:
+    """``init``, a constructor of :data:`KERAS_ORDER`, reading the positional arguments beyond
+    its own as Keras reads them: one xpcnn's layer takes by keyword is passed so (Conv2D's
+    activation, a pool's name), one at Keras' default taken (as :func:`refuse_foreign_keywords`
+    takes it), any other refused, named as Keras reads it (Python's TypeError, or the layer's
+    name it was once taken for, named none). Where xpcnn's order is not Keras' that far
+    (BatchNorm2D(momentum, eps), Keras' (axis, momentum, epsilon)), such a call is in Keras'
+    order: refused whole. So is one giving an argument by position and by keyword
+    (torchvision's RandomCrop(32, padding=4))."""
+    owner = init.__qualname__.partition(".")[0]
+    keywords = named_parameters(init)
+    ours = [p.name for p in inspect.signature(init).parameters.values()
+            if p.kind == p.POSITIONAL_OR_KEYWORD and p.name != "self"]
+    keras = KERAS_ORDER[owner]
+    same_order = keras[:len(ours)] == tuple(ours)
+    defaults = {**_ANY_LAYER, **KERAS_DEFAULTS.get(owner, {})}
+
+    @functools.wraps(init)
+    def checked(self: Any, *args: Any, **kwargs: Any) -> None:
+        passed: dict[str, Any] = {}
+        foreign = []
+        # (more positionals than xpcnn's where its order is not Keras': the call is in Keras'
+        # order, every argument of it read otherwise)
+        first = len(ours) if same_order or len(args) <= len(ours) else 0
+        for i in range(first, len(args)):
+            key = keras[i] if same_order and i < len(keras) else None
+            if key in keywords:
+                passed[key] = args[i]
+            elif key is None or not is_one_of(args[i], defaults.get(key, ())):
+                foreign.append(i)
+        twice = [k for k in (*ours[:len(args)], *passed) if k in kwargs]
+        if twice or foreign:
+            raise InputError(_positional_error(type(self).__name__, owner, ours, keywords, args,
+                                               kwargs, twice, foreign))
+        init(self, *args[:len(ours)], **kwargs, **passed)
+
+    return checked
+
+
+def _positional_error(name: str, owner: str, ours: list[str], keywords: list[str],
+                      args: tuple[Any, ...], kwargs: dict[str, Any], twice: list[str],
+                      foreign: list[int]) -> str:
+    """The message of :func:`keras_positional`'s refusal of ``name(*args, **kwargs)``."""
+    shown = ", ".join([*map(repr, args), *(f"{k}={v!r}" for k, v in kwargs.items())])
+    order = ", ".join([*ours, "*", *(k for k in keywords if k not in ours)])
+    ours_said = f"xpcnn's order is {name}({order})"
+    torch = TORCH_ORDER.get(owner)
+    numbers_only = all(isinstance(v, int | float | np.number) and not isinstance(v, bool)
+                       for v in args)
+    torch_said = f". {torch}" if torch and (twice or numbers_only) else ""
+    if twice:
+        return f"{name}({shown}): {twice[0]} given by position and by keyword: {ours_said}" \
+               f"{torch_said}"
+    keras = KERAS_ORDER[owner]
+    keras_said = ", ".join(keras[:len(args)]) + (", ..." if len(args) < len(keras) else "")
+    reading = ", ".join(f"{k}={v!r}" for k, v in zip(keras, args, strict=False))
+    if len(args) > len(keras):
+        reading += ", and no more"
+    whys: dict[str, None] = {}  # (each said once: the regularizers share theirs)
+    for i in foreign:
+        key = keras[i] if i < len(keras) else None
+        why = KERAS_KEYWORDS.get(owner, {}).get(key) or _KERAS_COMMON.get(key)
+        if why:
+            whys[why.format(value=repr(args[i]))] = None
+    return (f"{name}({shown}): Keras' order, {name}({keras_said}), reads {reading}; "
+            f"{ours_said}{''.join(f'. {why}' for why in whys)}{torch_said}")
 
 
 # (the per-sample shape of the model's input while a model's layers build; () for a layer

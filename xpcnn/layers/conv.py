@@ -11,7 +11,7 @@ import numpy as np
 
 from .. import backend as backend_module
 from ..checks import flag
-from ..errors import InputError, warn
+from ..errors import warn
 from ..ops.convolution import ConvEngine, ConvGeometry
 from ..ops.kernels import kernels_for
 from .arguments import (
@@ -22,6 +22,7 @@ from .arguments import (
     count,
     does_not_fit,
     in_dtype,
+    keras_positional,
     pair,
     require_rank,
 )
@@ -66,12 +67,14 @@ class Conv2D(Layer):
     activation = Setting(check_activation, architecture=True)
 
     @_warns_of_torch_order
+    @keras_positional  # (Keras' Conv2D(..., padding, data_format, dilation_rate, ...))
     def __init__(
         self,
         filters: int,
         kernel_size: int | tuple[int, int] = 3,
         strides: int | tuple[int, int] = 1,
         padding: str | int = "valid",
+        *,
         activation: str | None = None,
         use_bias: bool = True,
         kernel_initializer: str = "glorot_uniform",
@@ -82,9 +85,6 @@ class Conv2D(Layer):
         self.kernel_size = pair(kernel_size, "kernel_size")
         self.strides = pair(strides, "strides")
         self.padding = check_padding(padding)
-        if isinstance(activation, int | np.integer) and not isinstance(activation, bool):
-            raise InputError(f"Conv2D(..., activation={activation!r}): a number where xpcnn "
-                             f"takes an activation's name: {TORCH_CONV_ORDER}")
         self.activation = activation
         self.use_bias = flag(use_bias, "use_bias")
         self.kernel_initializer = check_initializer(kernel_initializer)

@@ -11,7 +11,7 @@ from ..checks import flag
 from ..errors import InputError
 from ..ops.kernels import kernels_for
 from ..ops.softmax import softmax, softmax_backward
-from .arguments import Shape, check_activation, count, in_dtype
+from .arguments import Shape, check_activation, count, in_dtype, keras_positional
 from .base import DEFAULT, Layer, Options, Setting
 from .initializers import check_initializer, initialize
 
@@ -21,7 +21,8 @@ class Flatten(Layer):
 
     input_values = "passes"  # (a reshape)
 
-    def __init__(self, name: str | None = None) -> None:  # (Keras' keywords refused by name)
+    @keras_positional  # (Keras' Flatten(data_format))
+    def __init__(self, *, name: str | None = None) -> None:
         super().__init__(name)
 
     def _build(self, input_shape: Shape, rng: np.random.Generator) -> Shape:
@@ -52,8 +53,9 @@ class Dense(Layer):
     activation = Setting(lambda value: check_activation(value, ("relu", "softmax")),
                          architecture=True)
 
+    @keras_positional  # (Keras' Dense(..., kernel_initializer, bias_initializer, ...))
     def __init__(self, units: int, activation: str | None = None, use_bias: bool = True,
-                 kernel_initializer: str = "glorot_uniform", name: str | None = None) -> None:
+                 kernel_initializer: str = "glorot_uniform", *, name: str | None = None) -> None:
         super().__init__(name)
         self.units = count(units, "units")
         if isinstance(activation, int | np.integer) and not isinstance(activation, bool):

@@ -36,7 +36,7 @@ class Dropout(RandomLayer):
     input_values = "passes"  # (in the input's dtype)
 
     @keras_positional  # (Keras' Dropout(rate, noise_shape, seed))
-    def __init__(self, rate: float, name: str | None = None) -> None:
+    def __init__(self, rate: float, *, name: str | None = None) -> None:
         super().__init__(name)
         self.rate = rate
 

@@ -24,7 +24,7 @@ class Add(Layer):
     can_fuse_relu = True
     can_sum_output_grads = True
 
-    def __init__(self, name: str | None = None) -> None:  # (Keras' keywords refused by name)
+    def __init__(self, *, name: str | None = None) -> None:  # (Keras' keywords refused by name)
         super().__init__(name)
 
     def _build(self, input_shape: tuple[Shape, ...], rng: np.random.Generator) -> Shape:
@@ -60,7 +60,7 @@ class Concatenate(Layer):
 
     multi_input = True
 
-    def __init__(self, axis: int = -1, name: str | None = None) -> None:
+    def __init__(self, axis: int = -1, *, name: str | None = None) -> None:
         super().__init__(name)
         if isinstance(axis, bool) or not isinstance(axis, int | np.integer) or axis == 0:
             raise InputError(f"Concatenate axis must be a non-zero int (axis 0 is the batch), "

@@ -16,7 +16,7 @@ import numpy as np
 
 from ..errors import InputError, warn
 from ..ops.kernels import kernels_for
-from .arguments import Shape, advises, require_rank
+from .arguments import Shape, advises, keras_positional, require_rank
 from .base import DEFAULT, Layer, Options, Setting
 
 
@@ -33,10 +33,15 @@ def _check_momentum(momentum: float) -> float:
     # (Keras' 0.99 ported as it is: statistics of the last batches only; said where the user
     # writes it, not at each load of a file that holds it)
     if momentum > 0.5 and advises():
+        # (an int 1: BatchNorm2D(1), PyTorch's one-channel nn.BatchNorm2d(1), as BatchNorm2D(64)
+        # is refused)
+        torch = ("; BatchNorm2D(1): PyTorch's nn.BatchNorm2d(num_features) of one channel? "
+                 "xpcnn infers the number of features from the input: BatchNorm2D()"
+                 if isinstance(momentum, int | np.integer) else "")
         warn(f"BatchNorm2D momentum {momentum!r} is the weight of each batch's statistics in "
              "the moving ones (moving = (1 - momentum) * moving + momentum * batch, PyTorch's "
              "convention), not of the moving statistics as in Keras: Keras' momentum=0.99 is "
-             "xpcnn's 0.01 (the default is 0.1)")
+             f"xpcnn's 0.01 (the default is 0.1){torch}")
     return float(momentum)
 
 
@@ -54,7 +59,7 @@ class FeatureNorm(Layer):
     # see Setting)
     eps = Setting(_check_eps)
 
-    def __init__(self, eps: float = 1e-5, name: str | None = None) -> None:
+    def __init__(self, eps: float = 1e-5, *, name: str | None = None) -> None:
         super().__init__(name)
         self.eps = eps
 
@@ -112,7 +117,9 @@ class BatchNorm2D(Layer):
     momentum = Setting(_check_momentum)
     eps = Setting(_check_eps)
 
-    def __init__(self, momentum: float = 0.1, eps: float = 1e-5, name: str | None = None) -> None:
+    @keras_positional  # (Keras' BatchNormalization(axis, momentum, epsilon, ...))
+    def __init__(self, momentum: float = 0.1, eps: float = 1e-5, *,
+                 name: str | None = None) -> None:
         super().__init__(name)
         if isinstance(momentum, int | np.integer) and not isinstance(momentum, bool) and \
                 momentum > 1:  # (BatchNorm2D(64), PyTorch's nn.BatchNorm2d(num_features))

@@ -10,13 +10,21 @@ import numpy as np
 from ..errors import InputError
 from ..ops import pool, windows
 from ..ops.kernels import kernels_for
-from .arguments import Shape, check_padding, does_not_fit, pair, require_rank
+from .arguments import (
+    Shape,
+    check_padding,
+    does_not_fit,
+    keras_positional,
+    pair,
+    require_rank,
+)
 from .base import DEFAULT, Layer, Options
 
 
 class _Pool2D(Layer):
+    @keras_positional  # (Keras' MaxPooling2D(pool_size, strides, padding, data_format, name))
     def __init__(self, pool_size: int | tuple[int, int] = 2,
-                 strides: int | tuple[int, int] | None = None, padding: str | int = "valid",
+                 strides: int | tuple[int, int] | None = None, padding: str | int = "valid", *,
                  name: str | None = None) -> None:
         super().__init__(name)
         self.pool_size = pair(pool_size, "pool_size")
@@ -133,7 +141,8 @@ class GlobalAvgPool2D(Layer):
 
     input_values = "passes"  # (in the input's dtype)
 
-    def __init__(self, name: str | None = None) -> None:  # (Keras' keywords refused by name)
+    @keras_positional  # (Keras' GlobalAveragePooling2D(data_format, keepdims))
+    def __init__(self, *, name: str | None = None) -> None:
         super().__init__(name)
 
     def _build(self, input_shape: Shape, rng: np.random.Generator) -> Shape:

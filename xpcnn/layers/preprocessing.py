@@ -42,7 +42,7 @@ class Rescaling(Layer):
     scale = Setting(lambda value: _factor(value, "Rescaling scale"), on_set=_factors_set)
     offset = Setting(lambda value: _factor(value, "Rescaling offset"), on_set=_factors_set)
 
-    def __init__(self, scale: float | list[float], offset: float | list[float] = 0.0,
+    def __init__(self, scale: float | list[float], offset: float | list[float] = 0.0, *,
                  name: str | None = None) -> None:
         super().__init__(name)
         self.scale = scale
@@ -111,8 +111,9 @@ class Normalization(Layer):
     weight_names = ("mean", "variance")
     updates_state = False  # (adapted statistics are fixed in training, as in Keras)
 
+    @keras_positional  # (Keras' Normalization(axis, mean, variance, invert))
     def __init__(self, mean: list[float] | float | None = None,
-                 std: list[float] | float | None = None, name: str | None = None, *,
+                 std: list[float] | float | None = None, *, name: str | None = None,
                  variance: list[float] | float | None = None, adapted: bool = False) -> None:
         super().__init__(name)
         self._mean: list[float] | None = None
@@ -537,7 +538,7 @@ class RandomFlip(RandomLayer):
     training_when_called = True  # (``layer(images)`` flips, as Keras 3's: see Layer)
 
     @keras_positional  # (Keras' RandomFlip(mode, seed, data_format))
-    def __init__(self, mode: str = "horizontal", name: str | None = None) -> None:
+    def __init__(self, mode: str = "horizontal", *, name: str | None = None) -> None:
         super().__init__(name)
         # (Keras' first argument: not taken for a name)
         if not (isinstance(mode, str) and mode == "horizontal"):
@@ -587,7 +588,7 @@ class RandomCrop(RandomLayer):
     padding = Setting(_check_padding)
 
     @keras_positional  # (Keras' RandomCrop(height, width, seed); torchvision's (size, padding))
-    def __init__(self, padding: int = 4, name: str | None = None) -> None:
+    def __init__(self, padding: int = 4, *, name: str | None = None) -> None:
         super().__init__(name)
         self.padding = padding
 
