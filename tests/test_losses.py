@@ -913,3 +913,32 @@ def test_the_swap_hint_covers_labels_cast_to_float():
                 ([[1.0, 2.0], [3.0], [1.0], [2.0]], labels.astype(np.float32))]:  # (ragged)
             with pytest.raises(InputError, match=r"got shape \(\d,\)$"):
                 loss(y_true, y_pred)
+
+
+def test_a_plain_function_as_the_loss_is_told_how_to_write_one():
+    def my_loss(y_true, y_pred):
+        return y_pred
+
+    with pytest.raises(InputError, match=r"^unknown loss <function .*my_loss.*: a loss of "
+                                         r"one's own \(a function, Keras' way\) is a subclass "
+                                         r"of SoftmaxCrossEntropy overriding forward\(self, xp, "
+                                         r"logits, y, dtype, weights=None\), returning .*no "
+                                         r"automatic differentiation"):
+        net("logits").compile(loss=my_loss)
+    with pytest.raises(InputError, match=r": pass an instance, SoftmaxCrossEntropy\(\), not "
+                                         r"the class$"):
+        net("logits").compile(loss=SoftmaxCrossEntropy)
+
+
+class Unnamed(SoftmaxCrossEntropy):
+    def get_config(self):  # (no "class": a file would load xpcnn's cross-entropy instead)
+        return {"label_smoothing": self.label_smoothing}
+
+
+def test_a_loss_subclass_config_not_naming_its_class_is_refused_at_save(tmp_path):
+    model = net("logits")
+    model.compile(loss=Unnamed(0.1), optimizer=xpcnn.optim.SGD(0.1))
+    with pytest.raises(InputError, match=r"^loss class Unnamed's get_config\(\) does not give "
+                                         r"'class': 'Unnamed'"):
+        model.save(tmp_path / "u.npz")
+    assert not (tmp_path / "u.npz").exists()

@@ -1625,3 +1625,144 @@ def test_keras_optimiser_defaults_spelled_out_are_taken(cls, keras_name):
                       gradient_accumulation_steps=None, name=name, decay=None, jit_compile=True)
         assert spelled.get_config() == plain.get_config()
     assert cls(0.01, decay=0.0, jit_compile=False).get_config() == cls(0.01).get_config()
+
+
+# -- a user's schedules and optimisers: their configurations and hooks ------------------------
+
+
+class Warm(optim.Schedule):
+    """A user's schedule wrapping another, given in its config as the inner one's."""
+
+    def __init__(self, inner, steps):
+        self.inner, self.steps = inner, steps
+
+    def __call__(self, step):
+        return self.inner(step) * min(1.0, (step + 1) / self.steps)
+
+    def get_config(self):
+        return {"class": "Warm", "inner": self.inner.get_config(), "steps": self.steps}
+
+
+def test_a_schedule_nested_in_a_users_schedule_is_rebuilt_from_its_configuration():
+    warm = Warm(optim.LinearWarmup(optim.CosineDecay(0.1, 100), 3), 5)
+    again = optim.schedule_from_config(warm.get_config())
+    assert type(again.inner.after) is optim.CosineDecay  # (was: a dict, not callable)
+    assert [again(s) for s in range(8)] == [warm(s) for s in range(8)]
+    warm.check_config()
+
+
+class KeepsItsConfig(Warm):  # (the inner schedule as it is: JSON cannot rebuild it)
+    def get_config(self):
+        return {"class": "KeepsItsConfig", "inner": {"lr": self.inner.lr}, "steps": self.steps}
+
+
+class Doubles(optim.Schedule):  # (rebuilds another schedule than itself)
+    def __init__(self, lr):
+        self.lr = lr
+
+    def __call__(self, step):
+        return self.lr
+
+    def get_config(self):
+        return {"class": "Doubles", "lr": 2 * self.lr}
+
+
+def test_a_schedule_that_does_not_rebuild_from_its_configuration_is_refused_at_save():
+    with pytest.raises(InputError, match=r"^schedule class KeepsItsConfig cannot be rebuilt "
+                                         r"from its get_config\(\) .*AttributeError.*: return "
+                                         r"the constructor's arguments, a wrapped schedule's as "
+                                         r"its get_config\(\)"):
+        optim.SGD(KeepsItsConfig(optim.Constant(0.1), 5)).check_config()
+    with pytest.raises(InputError, match=r"^schedule class Doubles's get_config\(\) \{'class': "
+                                         r"'Doubles', 'lr': 0.2\} rebuilds a schedule whose "
+                                         r"get_config\(\) is \{'class': 'Doubles', 'lr': 0.4\}"):
+        optim.SGD(Doubles(0.1)).check_config()
+
+
+class KerasDecay(optim.Schedule):
+    def __init__(self, initial_learning_rate, decay_steps):
+        self.initial_learning_rate, self.decay_steps = initial_learning_rate, decay_steps
+
+    def __call__(self, step):
+        return self.initial_learning_rate / (1 + step / self.decay_steps)
+
+    def get_config(self):  # (Keras' form: no "class")
+        return {"initial_learning_rate": self.initial_learning_rate,
+                "decay_steps": self.decay_steps}
+
+
+class NamedOtherwise(optim.SGD):
+    def get_config(self):
+        return {**super().get_config(), "class": "SGD"}
+
+
+def test_a_configuration_not_naming_its_class_is_refused_before_fit_trains(tmp_path):
+    import xpcnn
+    from xpcnn.layers import Dense
+
+    for opt, kind, name, got in [
+            (optim.SGD(KerasDecay(0.1, 10)), "schedule", "KerasDecay", "no 'class'"),
+            (NamedOtherwise(0.1), "optimizer", "NamedOtherwise", "'class': 'SGD'")]:
+        model = xpcnn.Sequential([xpcnn.Input((4,)), Dense(3)], seed=0)
+        model.compile(optimizer=opt)
+        with pytest.raises(InputError, match=rf"{kind} class {name}'s get_config\(\) gives "
+                                             rf"{got}: it must return a dict with 'class': "
+                                             rf"'{name}'"):
+            model.fit(np.ones((4, 4), np.float32), np.arange(4) % 3, verbose=0,
+                      checkpoint=str(tmp_path / "c.npz"))
+        assert opt.iterations == 0 and not (tmp_path / "c.npz").exists()
+
+
+def _compiled(opt):
+    import xpcnn
+    from xpcnn.layers import Dense
+
+    xpcnn.Sequential([xpcnn.Input((4,)), Dense(3)], seed=0).compile(optimizer=opt)
+
+
+def test_a_users_optimizer_without_its_hooks_is_refused_at_compile_by_name():
+    class NoSuper(optim.Optimizer):
+        def __init__(self, lr=0.1):
+            self.rate = lr
+
+        def _update(self, xp, i, p, g, scalars, apply):
+            self._assign(xp, p, p - scalars["lr"] * g, apply)
+
+    class NoUpdate(optim.Optimizer):
+        def __init__(self, lr=0.1):
+            super().__init__(lr)
+
+    class KerasStyle(NoUpdate):
+        def update_step(self, gradient, variable, learning_rate):
+            variable.assign(variable - learning_rate * gradient)
+
+    with pytest.raises(InputError, match=r"^NoSuper.__init__ must call super\(\).__init__\(lr\)"):
+        _compiled(NoSuper())  # (was: AttributeError ... 'slots', at the first step)
+    hook = (r"defines no _update: it must define _update\(self, xp, i, p, g, scalars, apply\).*"
+            r"self._assign\(xp, array, new, apply\)")
+    with pytest.raises(InputError, match=rf"^optimizer class NoUpdate {hook}.*slot_names\)$"):
+        _compiled(NoUpdate())  # (was: a bare NotImplementedError at the first step)
+    with pytest.raises(InputError, match=rf"^optimizer class KerasStyle {hook}.*; Keras' "
+                                         r"update_step\(gradient, variable, learning_rate\)"):
+        _compiled(KerasStyle())
+    with pytest.raises(InputError, match=rf"^optimizer class NoUpdate {hook}"):
+        NoUpdate().step(xpn, [np.ones(2)], [np.ones(2)])  # (stepped without compile)
+
+
+def test_a_pytorch_step_override_is_refused_where_the_class_is_defined():
+    with pytest.raises(InputError, match=r"^optimizer class TorchStyle overrides "
+                                         r"step\(self, closure=None\), PyTorch's hook: xpcnn's "
+                                         r"step\(xp, params, grads, kernels, apply, scalars\) is "
+                                         r"the training loop's, which calls the optimiser's "
+                                         r"_update\(self, xp, i, p, g, scalars, apply\)"):
+        class TorchStyle(optim.SGD):
+            def step(self, closure=None):
+                pass
+    assert "TorchStyle" not in optim.OPTIMIZER_CLASSES
+
+    class Counted(optim.SGD):  # (xpcnn's signature: taken)
+        def step(self, xp, params, grads, kernels=None, apply=None, scalars=None):
+            self.steps = getattr(self, "steps", 0) + 1
+            super().step(xp, params, grads, kernels, apply, scalars)
+
+    _compiled(Counted())

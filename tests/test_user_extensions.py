@@ -341,3 +341,31 @@ def test_the_skip_check_leaves_a_user_optimizers_own_attributes_as_they_were():
     model.compile(optimizer=optimizer)
     model.fit(x, y, epochs=1, batch_size=4, verbose=0)
     assert optimizer.iterations == optimizer.calls == 2
+
+
+# -- a user's callback keeping a state -----------------------------------------------------
+
+
+def test_a_callback_with_get_state_but_no_set_state_is_refused_before_a_checkpointed_fit(
+        tmp_path):
+    from xpcnn.callbacks import Callback
+
+    class Counts(Callback):  # (a resumed run would silently start it at 0 again)
+        n = 0
+
+        def on_epoch_end(self, epoch, logs=None):
+            self.n += 1
+
+        def get_state(self):
+            return {"n": self.n}
+
+    x, y = _data()
+    model = xpcnn.Sequential([Dense(4), Softmax()], input_shape=(6,), seed=0)
+    model.compile(optimizer=SGD(0.1))
+    with pytest.raises(InputError, match=r"^callback Counts defines get_state\(\) but not "
+                                         r"set_state\(state\): .*define set_state\(self, "
+                                         r"state\)"):
+        model.fit(x, y, epochs=2, verbose=0, callbacks=[Counts()],
+                  checkpoint=str(tmp_path / "c.npz"))
+    assert model.optimizer.iterations == 0
+    model.fit(x, y, epochs=1, verbose=0, callbacks=[Counts()])  # (no checkpoint: taken)

@@ -525,3 +525,166 @@ def test_a_model_of_xpcnn_layers_calls_nothing_of_the_user_layer_protection_per_
                              seed=0)
     users.compile(optimizer="sgd")
     assert {"_user_passes", "_backward_done"} <= set(_base_functions_called(users))
+
+
+# -- a layer made of sub-layers; what _build returns; from_config; a direct call's dtype ------
+
+class Block(Layer):
+    """Keras' and PyTorch's habit: sub-layers built and run by the layer, which xpcnn does not
+    track (their weights were silently never trained, nor saved)."""
+
+    def __init__(self, name=None):
+        super().__init__(name)
+        self.parts = {"act": L.ReLU(), "dense": [L.Dense(4)]}
+
+    def _build(self, input_shape, rng):
+        shape = self.parts["dense"][0].build(input_shape, self.backend, self.dtype,
+                                             self.compute_dtype, rng)
+        return self.parts["act"].build(shape, self.backend, self.dtype, self.compute_dtype, rng)
+
+    def forward(self, x, training=False, options=None):
+        return self.parts["act"].forward(self.parts["dense"][0].forward(x, training), training)
+
+
+class Activation(Layer):  # (a sub-layer without weights: nothing lost)
+    def __init__(self, name=None):
+        super().__init__(name)
+        self.inner = L.ReLU()
+
+    def _build(self, input_shape, rng):
+        return self.inner.build(input_shape, self.backend, self.dtype, self.compute_dtype, rng)
+
+    def forward(self, x, training=False, options=None):
+        return self.inner.forward(x, training)
+
+    def backward(self, dy, options=None):
+        return self.inner.backward(dy)
+
+
+def test_a_layer_holding_a_built_layer_with_weights_is_refused_where_it_is_built():
+    with pytest.raises(InputError, match=r"^layer class Block holds built layers with weights "
+                                         r"of their own in self.parts\['dense'\]\[0\]: xpcnn "
+                                         r"does not track a layer's sub-layers.*self._param.*"
+                                         r"compose the layers in a model \(Sequential"):
+        _model(Block()).build((6,))
+    _model(Activation()).fit(X, Y, epochs=1, verbose=0)
+    first = L.Dense(5)
+    reads = Activation()
+    reads.first = first  # (a layer of the model: the model trains and saves it)
+    xpcnn.Sequential([first, reads, L.Dense(4)], seed=0).build((6,))
+
+
+class NoReturn(Layer):
+    def _build(self, input_shape, rng):
+        self.factor = 2.0  # (and no return: the commonest slip)
+
+    def forward(self, x, training=False, options=None):
+        return x * self.factor
+
+
+class ReturnsShape(NoReturn):
+    shape = None
+
+    def _build(self, input_shape, rng):
+        return self.shape
+
+
+class Product(Layer):  # (a merge layer needs a _build: Layer's returns its inputs' shapes)
+    multi_input = True
+
+    def forward(self, x, training=False, options=None):
+        return x[0] * x[1]
+
+
+@pytest.mark.parametrize("shape, got", [(None, "None"), (7, "7"), ((None, 6), r"\(None, 6\)"),
+                                        ((6, 0), r"\(6, 0\)"), ((), r"\(\)")])
+def test_what_build_returns_is_checked_by_name(shape, got):
+    layer = NoReturn() if shape is None else type("Shaped", (ReturnsShape,), {"shape": shape})()
+    name = "NoReturn" if shape is None else "Shaped"
+    with pytest.raises(InputError, match=rf"^layer class {name}'s _build returned {got}"
+                                         r"( \(leave out the batch axis.*\))?: it must return "
+                                         r"the output's per-sample shape, a tuple of positive "
+                                         "ints"):
+        layer(X)
+
+
+def test_a_merge_layer_without_build_is_told_to_define_one():
+    inputs = xpcnn.Input((6,))
+    with pytest.raises(InputError, match=r"^layer class Product is a merge layer \(multi_input "
+                                         r"= True\) and defines no _build: it must define "
+                                         r"_build\(self, input_shape, rng\)"):
+        Product()([inputs, inputs])
+
+
+class Poly(Layer):
+    """Keras' pattern: from_config turns what JSON gives back (a list) into what the
+    constructor takes (a tuple)."""
+
+    def __init__(self, coeffs=(0.0, 1.0), name=None):
+        super().__init__(name)
+        if not isinstance(coeffs, tuple):
+            raise TypeError("coeffs must be a tuple")
+        self.coeffs = coeffs
+
+    def get_config(self):
+        return {**super().get_config(), "coeffs": self.coeffs}
+
+    @classmethod
+    def from_config(cls, config):
+        return cls(**{**config, "coeffs": tuple(config["coeffs"])})
+
+    def forward(self, x, training=False, options=None):
+        return sum(c * x**k for k, c in enumerate(self.coeffs))
+
+
+class Wrapped(Activation):
+    """Its inner layer (weightless) saved as a configuration, made again by from_config."""
+
+    def __init__(self, inner=None, name=None):
+        super().__init__(name)
+        self.inner = inner or L.ReLU()
+
+    def get_config(self):
+        return {**super().get_config(), "inner": self.inner.get_config()}
+
+    @classmethod
+    def from_config(cls, config):
+        return cls(**{**config, "inner": L.ReLU.from_config(config["inner"])})
+
+
+def test_a_users_from_config_rebuilds_it_wherever_a_layer_is_rebuilt(tmp_path):
+    m = xpcnn.Sequential([xpcnn.Input((6,)), L.Dense(5), Poly((0.0, 1.0, 0.5)),
+                          Wrapped(L.ReLU(max_value=2.0)), L.Dense(4)], seed=0)
+    m.compile()
+    m.save(tmp_path / "m.npz")  # (was refused: Poly "cannot be rebuilt from its get_config()")
+    for again in (xpcnn.load_model(tmp_path / "m.npz"), xpcnn.Sequential.from_config(
+            m.get_config())):
+        assert again.layers[1].coeffs == (0.0, 1.0, 0.5)  # (was: a dict's AttributeError)
+        assert again.layers[2].inner.get_config() == m.layers[2].inner.get_config()
+    np.testing.assert_array_equal(xpcnn.load_model(tmp_path / "m.npz").predict(X, verbose=0),
+                                  m.predict(X, verbose=0))
+    inputs = xpcnn.Input((6,))  # (a graph's trial build makes a copy: by from_config too)
+    assert xpcnn.Model(inputs, Poly((1.0, 2.0))(inputs)).layers[0].coeffs == (1.0, 2.0)
+
+
+class PolyRebuildsWrong(Poly):
+    @classmethod
+    def from_config(cls, config):
+        return cls(**config)  # (the JSON list stays a list: refused by the constructor)
+
+
+def test_the_save_check_makes_the_from_config_round_trip(tmp_path):
+    m = xpcnn.Sequential([xpcnn.Input((6,)), PolyRebuildsWrong((0.0, 1.0)), L.Dense(4)])
+    with pytest.raises(InputError, match=r"^layer class PolyRebuildsWrong cannot be rebuilt "
+                                         r"from its get_config\(\) .*coeffs must be a tuple.*: "
+                                         r"define get_config\(\) and from_config\(\) so that "
+                                         r"from_config\(get_config\(\)\)"):
+        m.save(tmp_path / "m.npz")
+
+
+@pytest.mark.parametrize("layer, x", [
+    (L.ReLU(), np.ones((2, 4, 4, 2))), (L.MaxPool2D(2), np.ones((2, 4, 4, 2))),
+    (L.Flatten(), np.ones((2, 4, 4, 2))),
+    (L.Add(), [np.ones((2, 3), np.float32), np.ones((2, 3))])])
+def test_a_float64_batch_is_cast_to_the_layers_float32_as_keras_casts_it(layer, x):
+    assert layer(x).dtype == np.float32  # (was float64 for the layers passing values on)

@@ -252,6 +252,13 @@ class CallbackList:
             except Exception:  # (a state set in a first on_epoch_end: checked at the save)
                 continue
         states_entry(states)  # (its InputError, a state no checkpoint holds, refuses the fit)
+        for cb in stateful(self.callbacks):
+            if type(cb).set_state is Callback.set_state:  # (its state kept, never given back)
+                raise InputError(f"callback {type(cb).__name__} defines get_state() but not "
+                                 "set_state(state): a checkpoint keeps the state it returns, "
+                                 "and a resumed run would silently start it afresh; define "
+                                 "set_state(self, state), taking that state back (or no "
+                                 "get_state(), for a callback that keeps none)")
 
     def on_epoch_end(self, epoch: int, logs: MutableMapping[str, Any] | None = None) -> None:
         """Every callback's ``on_epoch_end``, in order; a :class:`ModelCheckpoint`'s save of

@@ -106,6 +106,11 @@ _KERAS_ONLY = {
 }
 
 
+#: How fit trains by a loss (a subclass's override), said where a loss is written otherwise.
+_HOOK = ("forward(self, xp, logits, y, dtype, weights=None), returning (the loss as a 0-d "
+         "array, its gradient with respect to the logits, of their shape)")
+
+
 class SoftmaxCrossEntropy:
     """Mean cross-entropy between softmax(logits) and integer or one-hot targets.
 
@@ -167,6 +172,14 @@ class SoftmaxCrossEntropy:
         """Refuse to save a subclass whose constructor takes settings that its ``get_config()``
         does not give, or that gives settings the constructor does not take (run at save)."""
         config = self.get_config()
+        name = type(self).__name__
+        if type(self) is not SoftmaxCrossEntropy and (
+                not isinstance(config, dict) or config.get("class") != name):
+            # (a file without it loads xpcnn's cross-entropy in its place)
+            raise InputError(f"loss class {name}'s get_config() does not give 'class': "
+                             f"{name!r}: return {{**super().get_config(), ...}} (which gives "
+                             "it) with the constructor's arguments, so that a saved model "
+                             "rebuilds it")
         # (Keras' keywords are not saved: xpcnn's constructor takes them only as what it does
         # anyway; a subclass that takes one itself is checked below, by its rebuilt copy)
         missing = unsaved_settings(self, config, (*_KERAS_DEFAULTS, *(
@@ -224,8 +237,6 @@ class SoftmaxCrossEntropy:
         forward that cannot take ``(xp, logits, y, dtype, weights)`` (PyTorch's
         ``forward(input, target)``), which would fail deep inside the first step."""
         name = type(self).__name__
-        hook = ("forward(self, xp, logits, y, dtype, weights=None), returning (the loss as a "
-                "0-d array, its gradient with respect to the logits, of their shape)")
         if not self._replaced("forward"):
             written = [what for m, what in (("call", "defines call(), Keras' hook of a loss,"),
                                             ("__call__", "overrides __call__()"))
@@ -234,7 +245,7 @@ class SoftmaxCrossEntropy:
                 raise InputError(
                     f"loss class {name} {' and '.join(written)} without overriding forward(): "
                     f"fit never calls {'them' if len(written) > 1 else 'it'}, and would "
-                    "train and log xpcnn's cross-entropy instead. fit trains by " + hook +
+                    "train and log xpcnn's cross-entropy instead. fit trains by " + _HOOK +
                     ", as xpcnn has no automatic differentiation to take the gradient of a "
                     "loss written as a function of y_pred; calling the loss object, "
                     "loss(y_true, y_pred), runs forward too. "
@@ -247,7 +258,7 @@ class SoftmaxCrossEntropy:
             raise InputError(
                 f"{name}.forward{inspect.signature(self.forward)} cannot take the arguments "
                 "fit calls it with, (xp, logits, y, dtype, weights): a loss's forward is " +
-                hook + " (PyTorch's forward(input, target) is not this hook)") from None
+                _HOOK + " (PyTorch's forward(input, target) is not this hook)") from None
         except ValueError:  # (no signature to read, a builtin's: the step's call says)
             pass
 
@@ -447,4 +458,11 @@ def get_loss(loss: str | SoftmaxCrossEntropy) -> SoftmaxCrossEntropy:
                          "model in Dense(2) (no activation, or a softmax) and use "
                          "'sparse_categorical_crossentropy' with labels 0 and 1, the same "
                          "model as Keras' Dense(1, activation='sigmoid') with "
-                         "binary_crossentropy" if binary else ""))
+                         "binary_crossentropy" if binary else
+                         f": pass an instance, {loss.__name__}(), not the class" if isinstance(
+                             loss, type) and issubclass(loss, SoftmaxCrossEntropy) else
+                         f": a loss of one's own (a function, Keras' way) is a subclass of "
+                         f"SoftmaxCrossEntropy overriding {_HOOK}, as xpcnn has no automatic "
+                         "differentiation to take the gradient of a loss written as a "
+                         "function of y_pred (super().forward(xp, logits, y, dtype, weights) "
+                         "gives the cross-entropy and its gradient)" if callable(loss) else ""))

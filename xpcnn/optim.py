@@ -14,6 +14,8 @@ from __future__ import annotations
 
 import copy as copy_module
 import functools
+import inspect
+import json
 import math
 import numbers
 from collections.abc import Callable, Collection, Iterator
@@ -335,6 +337,19 @@ SCHEDULES: dict[str, type[Schedule]] = {}
 OPTIMIZER_CLASSES: dict[str, type[Optimizer]] = {}
 
 
+def _check_class(obj: Any, config: Any, kind: str, returns: str) -> None:
+    """Refuse (at save) ``obj``'s get_config() ``config`` where it does not name ``obj``'s
+    class under "class" (Keras' schedules leave it out): files name the class to rebuild, and
+    one written from it would never load."""
+    name = type(obj).__name__
+    if not isinstance(config, dict) or config.get("class") != name:
+        got = (f"a {type(config).__name__}" if not isinstance(config, dict) else
+               "no 'class'" if "class" not in config else f"'class': {config['class']!r}")
+        raise InputError(f"{kind} class {name}'s get_config() gives {got}: it must return a "
+                         f"dict with 'class': {name!r} and {returns}, so that a saved model "
+                         "rebuilds it")
+
+
 class Schedule:
     """A learning rate as a function of the step count (0 for the first step)."""
 
@@ -353,8 +368,12 @@ class Schedule:
     def check_config(self) -> None:
         """Refuse to save a schedule whose constructor takes settings that its ``get_config()``
         does not give (run at save: get_config itself is also called elsewhere), and the
-        schedules it wraps (LinearWarmup's ``after``)."""
+        schedules it wraps (LinearWarmup's ``after``); one whose configuration does not name
+        its class, or from which :func:`schedule_from_config` makes another schedule (its
+        files would not load, or load another)."""
         config = self.get_config()
+        _check_class(self, config, "schedule", "the constructor's arguments, as the default "
+                     "get_config() does (the class, then the attributes)")
         missing, untaken = unsaved_settings(self, config), untaken_settings(self, config)
         if missing:
             raise InputError(f"schedule class {type(self).__name__} takes {missing} but its "
@@ -369,6 +388,21 @@ class Schedule:
         for value in getattr(self, "__dict__", {}).values():
             if isinstance(value, Schedule):
                 value.check_config()
+        try:  # (as a file holds it)
+            config = json.loads(json.dumps(config))
+        except (TypeError, ValueError):  # (refused, with the part named, as the file is written)
+            return
+        fix = ("return the constructor's arguments, a wrapped schedule's as its get_config(), "
+               "which loading makes a schedule again")
+        try:
+            again = json.loads(json.dumps(schedule_from_config(config).get_config()))
+        except (KeyError, TypeError, ValueError, AttributeError, OverflowError) as e:
+            raise InputError(f"schedule class {type(self).__name__} cannot be rebuilt from its "
+                             f"get_config() {config} ({type(e).__name__}: {e}): {fix}") from e
+        if again != config:
+            raise InputError(f"schedule class {type(self).__name__}'s get_config() {config} "
+                             f"rebuilds a schedule whose get_config() is {again}, so that a "
+                             f"saved model would load another schedule: {fix}")
 
 
 class StepDecay(Schedule):
@@ -484,12 +518,22 @@ def _class_config(config: Any, what: str, example: str) -> tuple[str, dict[str, 
     return config.pop("class"), config
 
 
+def _nested(value: Any) -> Any:
+    """A schedule's setting as its constructor takes it: a schedule's configuration (a dict
+    whose "class" names a schedule: LinearWarmup's ``after``, a user's schedule wrapping
+    another) made a schedule again, in a list too."""
+    if isinstance(value, dict) and isinstance(value.get("class"), str) and \
+            value["class"] in SCHEDULES:
+        return schedule_from_config(value)
+    if isinstance(value, list):
+        return [_nested(v) for v in value]
+    return value
+
+
 def schedule_from_config(config: dict[str, Any]) -> Schedule:
     name, config = _class_config(config, "a schedule's", "{'class': 'Constant', 'lr': 0.01}")
     cls = registered(SCHEDULES, name, "schedule")
-    if "after" in config:
-        config["after"] = schedule_from_config(config["after"])
-    return cls(**config)
+    return cls(**{k: _nested(v) for k, v in config.items()})
 
 
 def as_schedule(lr: float | Schedule) -> Schedule:
@@ -553,6 +597,42 @@ class LearningRate(float):
         return float, (float(self),)
 
 
+_HOOK = ("_update(self, xp, i, p, g, scalars, apply), which updates parameter p (the i-th) "
+         "from its gradient g and the step's numbers (scalars['lr'], the learning rate), "
+         "writing each array it changes with self._assign(xp, array, new, apply) (a "
+         "parameter's state in self.slots[name][i], the names in slot_names)")
+
+
+def _refuse_torch_step(cls: type) -> None:
+    """Refuse an optimiser class overriding ``step`` with a signature that cannot take what
+    the training loop passes (``step(xp, params, grads, kernels, apply=..., scalars=...)``):
+    PyTorch's ``step(self, closure=None)``, which ended in a bare TypeError at the first
+    step."""
+    step = cls.__dict__.get("step")
+    if step is None:
+        return
+    try:
+        signature = inspect.signature(step)
+    except (TypeError, ValueError):  # (a callable inspect cannot read: left to its call)
+        return
+    try:
+        signature.bind(*[None] * 5, apply=None, scalars=None)  # (self, xp, params, grads, kernels)
+    except TypeError:
+        raise InputError(f"optimizer class {cls.__name__} overrides step{signature}, "
+                         "PyTorch's hook: xpcnn's step(xp, params, grads, kernels, apply, "
+                         "scalars) is the training loop's, which calls the optimiser's "
+                         f"{_HOOK} for each parameter: define that instead") from None
+
+
+def _no_update(cls: type) -> str:
+    """The error of optimiser class ``cls`` defining no ``_update``, naming the hook it
+    may have written instead (Keras' ``update_step``)."""
+    keras = ("; Keras' update_step(gradient, variable, learning_rate), which it defines, is "
+             "never called: write its update in _update"
+             if callable(getattr(cls, "update_step", None)) else "")
+    return f"optimizer class {cls.__name__} defines no _update: it must define {_HOOK}{keras}"
+
+
 class Optimizer:
     """Base: subclasses define ``_update(xp, i, p, g, scalars, apply)`` for parameter ``i``,
     with the step's numbers in ``scalars`` (as :meth:`step_scalars` names them), writing every
@@ -588,6 +668,7 @@ class Optimizer:
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
+        _refuse_torch_step(cls)  # (before it is registered: the class statement fails whole)
         register(OPTIMIZER_CLASSES, cls, "optimizer")
 
     #: True where the state holds squared gradients (Adam's second moment): the training loop
@@ -953,7 +1034,7 @@ class Optimizer:
 
     def _update(self, xp: Any, i: int, p: Any, g: Any, scalars: dict[str, Any],
                 apply: Any) -> None:
-        raise NotImplementedError
+        raise InputError(_no_update(type(self)))
 
     def _fused_update(self, kernels: Any, params: list[Any], grads: list[Any],
                       scalars: dict[str, Any], apply: Any,
@@ -1009,6 +1090,8 @@ class Optimizer:
         :meth:`_left_out`), and its schedule likewise. Run at save, not in get_config, which is
         also called elsewhere."""
         config = self.compile_config()
+        _check_class(self, config, "optimizer", "the constructor's arguments "
+                     "({**super().get_config(), ...}: the class and the base's settings)")
         missing = unsaved_settings(self, config, self._left_out())
         untaken = untaken_settings(self, config)
         if missing:
@@ -1256,6 +1339,15 @@ OPTIMIZERS = {"sgd": SGD, "adam": Adam, "adamw": AdamW, "rmsprop": RMSprop}
 
 def get_optimizer(optimizer: str | Optimizer) -> Optimizer:
     if isinstance(optimizer, Optimizer):
+        cls = type(optimizer)
+        if "applied" not in vars(optimizer):  # (else an AttributeError at its first use)
+            raise InputError(f"{cls.__name__}.__init__ must call super().__init__(lr) (with "
+                             "weight_decay=... and the clipping settings, as the class takes "
+                             "them), which sets up the optimizer's learning rate, step count "
+                             "and slots")
+        if defining_class(cls, "_update") is Optimizer and defining_class(cls, "step") is \
+                Optimizer:  # (refused at compile: its first step would be)
+            raise InputError(_no_update(cls))
         return optimizer
     if isinstance(optimizer, str) and optimizer.lower() in OPTIMIZERS:
         return OPTIMIZERS[optimizer.lower()]()

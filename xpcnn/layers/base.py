@@ -672,7 +672,17 @@ class Layer:
         self._clear_cache()  # (a convolution's engine was for the old shape, say)
         if rng is None:  # (a model hands each of its layers its own: see _STANDALONE_BUILDS)
             rng = _standalone_rng(next(_STANDALONE_BUILDS))
-        self.output_shape = tuple(self._build(self.input_shape, rng))
+        self.output_shape = _output_shape(self, self._build(self.input_shape, rng))
+        held = _held_layers(self)
+        if held:  # (their weights would never be trained, counted or saved: lost work)
+            raise InputError(f"layer class {type(self).__name__} holds built layers with "
+                             f"weights of their own in {', '.join(held)}: xpcnn does not track "
+                             "a layer's sub-layers, so fit would never train them, nor "
+                             "count_params count them, nor save keep their weights. Make the "
+                             "arrays the layer's own (self._param(name, value) in _build, named "
+                             "in weight_names, read as self.params[name] in forward and "
+                             "backward), or compose the layers in a model (Sequential, or a "
+                             "functional xpcnn.Model), which another model may hold as a layer")
         unnamed = [k for k in self._arrays() if k not in self.weight_names]
         if unnamed:  # (a user's layer: its weights would be trained, and never saved)
             raise InputError(f"layer class {type(self).__name__} makes the arrays {unnamed} "
@@ -684,6 +694,12 @@ class Layer:
         return self.output_shape
 
     def _build(self, input_shape: Shape, rng: np.random.Generator) -> Shape:
+        if self.multi_input:  # (the tuple of its inputs' shapes is no output shape)
+            raise InputError(f"layer class {type(self).__name__} is a merge layer (multi_input "
+                             "= True) and defines no _build: it must define _build(self, "
+                             "input_shape, rng), input_shape the tuple of its inputs' "
+                             "per-sample shapes, returning its output's per-sample shape, a "
+                             "tuple of positive ints such as (8, 8, 16)")
         return input_shape
 
     def _param(self, name: str, value: np.ndarray, trainable: bool = True) -> None:
@@ -716,10 +732,11 @@ class Layer:
                          "of its input and filling grads[name] for each of its params")
 
     def __call__(self, x: Any, training: bool | None = None) -> Any:
-        """On a batch: ``forward(x, training)``, an integer or bool batch (uint8 images) cast
-        to the layer's dtype first, as a model casts its batches (and Keras a layer's
-        inputs); ``training=None`` is :attr:`training_when_called` (inference, but for the
-        random augmentations, as in Keras 3). On a symbolic tensor (or, for a merge layer,
+        """On a batch: ``forward(x, training)``, an integer or bool batch (uint8 images), or
+        one of another float dtype (float64; not the compute dtype's), cast to the layer's
+        dtype first, as a model casts its batches (and Keras a layer's inputs);
+        ``training=None`` is :attr:`training_when_called` (inference, but for the random
+        augmentations, as in Keras 3). On a symbolic tensor (or, for a merge layer,
         a list of them): records the call in a graph and returns the output's symbolic
         tensor, for ``xpcnn.Model(inputs, outputs)``."""
         if is_symbolic(x):
@@ -769,9 +786,15 @@ class Layer:
             raise InputError(f"{e}; one sample? add the batch axis, x[None]") from None
 
     def _as_float(self, a: Any) -> Any:
+        # A float batch of another dtype is cast to the layer's, as Keras casts a layer's
+        # inputs (pools, ReLU, Flatten and merges gave float64 from a float64 batch, computing
+        # layers float32); one in the compute dtype (a mixed-precision model's activations)
+        # is what the model hands the layer: kept.
+        if a.dtype == self.dtype or a.dtype == self.compute_dtype:
+            return a
         # (real_floating first: NumPy's isdtype refuses ml_dtypes' bfloat16)
         if real_floating(self.xp, a.dtype):
-            return a
+            return self.xp.astype(a, self.dtype)
         if self.xp.isdtype(a.dtype, ("bool", "integral")):
             return self.xp.astype(a, self.dtype)
         # (complex: was cast with NumPy's ComplexWarning alone, or passed through by ReLU)
@@ -900,14 +923,19 @@ class Layer:
         constructor takes one (Keras' ``**kwargs`` included)."""
         cls = type(self)
         config = self.get_config()
-        fix = ("define get_config() returning the constructor's arguments (with "
+        own = defining_class(cls, "from_config") is not Layer  # (Keras' hook, overridden)
+        fix = ("define get_config() and from_config() so that from_config(get_config()), "
+               "its values as JSON gives them back, rebuilds it" if own else
+               "define get_config() returning the constructor's arguments (with "
                "super().get_config()), so that a saved model rebuilds it")
         if not isinstance(config, dict):
             raise InputError(f"layer class {cls.__name__}'s get_config() returns a "
                              f"{type(config).__name__}, expected a dict: {fix}")
         # (as a file holds it: "trainable" is the layer spec's, and JSON makes tuples lists)
         settings = {k: v for k, v in config.items() if k != "trainable"}
-        untaken = untaken_settings(self, settings)
+        # (a from_config of the class's own may take what the constructor does not: the
+        # round trip below decides)
+        untaken = [] if own else untaken_settings(self, settings)
         if untaken:
             raise InputError(f"layer class {cls.__name__}'s get_config() gives {untaken}, which "
                              f"its constructor does not take: {fix}")
@@ -922,7 +950,7 @@ class Layer:
             return
         try:
             with rebuilding():
-                cls(**settings)
+                made_from_config(cls, settings)
         except (KeyError, TypeError, ValueError, AttributeError, OverflowError) as e:
             raise InputError(f"layer class {cls.__name__} cannot be rebuilt from its "
                              f"get_config() {settings} ({type(e).__name__}: {e}): {fix}") from e
@@ -933,7 +961,7 @@ class Layer:
         config = self.get_config()
         try:
             with rebuilding():
-                return type(self)(**config)
+                return made_from_config(type(self), config)
         except TypeError as e:
             raise InputError(f"layer {self.name!r} ({type(self).__name__}) cannot be made again "
                              f"from its get_config() {config!r} ({e}): a layer's get_config() "
@@ -1190,6 +1218,17 @@ class Layer:
         return f"{type(self).__name__}({args})"
 
 
+def made_from_config(cls: type[Layer], config: dict[str, Any]) -> Layer:
+    """A layer of class ``cls`` rebuilt from ``config`` (its get_config(), as a file holds it)
+    by ``cls.from_config(config)``, Keras' hook, which a user's class may override (to turn
+    JSON values back into what its constructor takes); where the class keeps Layer's, by what
+    that does, ``cls(**config)``, whose TypeError the caller names. Call within
+    :func:`~xpcnn.layers.arguments.rebuilding`."""
+    if defining_class(cls, "from_config") is Layer:
+        return cls(**config)
+    return cls.from_config(config)
+
+
 # (help() and the checks of constructors (checks.untaken_settings) see Layer.__init__ as taking
 # name and trainable alone: its **keras is there only to refuse Keras' keywords by name)
 Layer.__init__.__signature__ = inspect.Signature([  # type: ignore[attr-defined]
@@ -1329,6 +1368,45 @@ def _shape(shape: Any, layer: Layer) -> Shape | tuple[Shape, ...]:
     if layer.multi_input:
         return tuple(tuple(int(d) for d in s) for s in shape)
     return tuple(int(d) for d in shape)
+
+
+def _output_shape(layer: Layer, shape: Any) -> Shape:
+    """What ``layer``'s ``_build`` returned, checked: the output's per-sample shape (a bare
+    TypeError from deep inside otherwise, a forgotten ``return`` the commonest)."""
+    if isinstance(shape, list | tuple) and shape and all(
+            isinstance(d, int | np.integer) and not isinstance(d, bool) and d > 0 for d in shape):
+        return tuple(int(d) for d in shape)
+    batch = (" (leave out the batch axis: its None is no per-sample size)"
+             if isinstance(shape, list | tuple) and shape and shape[0] is None else "")
+    raise InputError(f"layer class {type(layer).__name__}'s _build returned {shape!r}{batch}: "
+                     "it must return the output's per-sample shape, a tuple of positive ints "
+                     "such as (8, 8, 16) (input_shape itself where the shape is unchanged)")
+
+
+def _held_layers(layer: Layer) -> list[str]:
+    """The attributes of ``layer`` (or the items of lists, tuples and dicts in them) holding a
+    built layer with arrays that are not ``layer``'s own params or state, by name; not one a
+    model holds (a layer of the model read by another, which the model trains and saves)."""
+    own = {id(a) for a in layer._arrays().values()}
+    found: list[str] = []
+
+    def look(value: Any, where: str) -> None:
+        if isinstance(value, Layer):
+            if value is not layer and vars(value).get("built") and any(
+                    id(a) not in own for a in value._arrays().values()) and \
+                    not holders_of(value):
+                found.append(where)
+        elif isinstance(value, list | tuple):
+            for k, item in enumerate(value):
+                look(item, f"{where}[{k}]")
+        elif isinstance(value, dict):
+            for k, item in value.items():
+                look(item, f"{where}[{k!r}]")
+
+    for name, value in vars(layer).items():
+        if name not in ("params", "grads", "state"):
+            look(value, f"self.{name}")
+    return found
 
 
 def _one_axis_short(layer: Layer, x: Any) -> bool:

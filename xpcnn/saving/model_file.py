@@ -31,7 +31,7 @@ from ..files import written_file
 from ..graph import Inbound, check_graph, inbound_of, weight_count
 from ..layers import Normalization
 from ..layers.arguments import rebuilding
-from ..layers.base import LAYER_TYPES, Layer, setting_names
+from ..layers.base import LAYER_TYPES, Layer, made_from_config, setting_names
 from ..losses import loss_from_config
 from ..metrics import metric_from_config
 from ..ops.windows import resolve_padding
@@ -452,8 +452,8 @@ def layers_from_config(config: Any, path: str) -> tuple[list[Layer], tuple[int, 
             if not isinstance(trainable, bool):
                 raise DataFormatError(f"{path}: invalid model configuration: layer {i}'s "
                                       f"trainable is {trainable!r}, expected true or false")
-            with rebuilding():
-                layers.append(cls(**spec["config"]))
+            with rebuilding():  # (by its from_config, which a user's class may override)
+                layers.append(made_from_config(cls, spec["config"]))
             layers[-1].trainable = trainable
             # (the file's names are kept as they are where they can be, but give way as
             # automatic ones do: two trained models, each with its 'dense', can be joined)
