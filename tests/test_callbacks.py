@@ -843,6 +843,36 @@ def test_a_template_filled_to_another_writers_file_is_refused_before_that_save(
     assert resumed.optimizer.iterations == 12 and resumed.history.epoch == [0, 1, 2]
 
 
+def test_two_templates_filling_to_one_file_are_refused_before_the_second_writes_it(
+        data, tmp_path, monkeypatch):
+    """Two templates that differ as text fill to one file: one's save replaced the other's
+    (was: not caught); refused before it writes, the other's file intact (the weights file,
+    saved at once, before the whole checkpoint put off until the epoch's hooks have run)."""
+    monkeypatch.chdir(tmp_path)
+    model = small_model()
+    with pytest.raises(InputError, match=r"the ModelCheckpoint and another ModelCheckpoint "
+                       r"would both write '/.*/w_1\.npz' \(its path 'w_\{epoch\}\.npz' "
+                       r"filled at epoch 1; not written\)"):
+        model.fit(*data, epochs=2, batch_size=BATCH, verbose=0, callbacks=[
+            ModelCheckpoint("w_{epoch}.npz"),
+            ModelCheckpoint("w_{epoch:d}.npz", save_weights_only=True)])
+    assert os.listdir() == ["w_1.npz"] and xpcnn.load_model("w_1.npz").optimizer is None
+
+
+def test_a_checkpoint_given_to_another_fit_is_refused_only_for_that_fits_writers(
+        data, tmp_path, monkeypatch):
+    """A ModelCheckpoint kept the files of an earlier fit's writers: its path set to the
+    CSVLogger's of that fit, the next fit, without the CSVLogger, was refused."""
+    monkeypatch.chdir(tmp_path)
+    model = small_model()
+    save = ModelCheckpoint("ck_{epoch}.npz", save_weights_only=True)
+    model.fit(*data, epochs=1, batch_size=BATCH, verbose=0, callbacks=[save, CSVLogger("log.csv")])
+    save.filepath = "log.csv"
+    model.fit(*data, epochs=1, batch_size=BATCH, verbose=0, callbacks=[save])
+    assert sorted(os.listdir()) == ["ck_1.npz", "log.csv"]
+    xpcnn.load_model("log.csv")  # (the weights file saved over the log)
+
+
 def test_writers_of_other_files_are_taken(data, tmp_path, monkeypatch):
     """Not refused: templates that fill to none of the others' files (though a number's text
     could: inf, 1e5, -1, a hex digit), a device that many write (nothing replaces it), and

@@ -813,7 +813,7 @@ def test_a_custom_layer_whose_get_config_does_not_make_it_again_is_named():
 
     with pytest.raises(InputError, match=r"^layer 'scale' \(Scale\) cannot be made again from "
                                          r"its get_config\(\) \{'name': 'scale'\} \(.*missing 1 "
-                                         r"required positional argument: 'factor'\): a layer's "
+                                         r"required positional argument: 'factor'\)\): a layer's "
                                          r"get_config\(\) returns its constructor's arguments"):
         Scale(2.0)(xpcnn.Input((4,)))
 

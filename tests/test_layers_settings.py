@@ -288,6 +288,30 @@ def test_keras_positional_arguments_are_refused_by_their_keras_name(make, said):
         make(L)
 
 
+def test_keras_positional_refusals_name_the_xpcnn_call_a_subclass_made():
+    """A user's subclass calling its base's constructor in Keras' order: the refusal was of
+    the subclass's call ("MyDense(8, ...): xpcnn's order is MyDense(units, ...)"), which the
+    user never wrote so; a pool named _Pool2D, a private class."""
+    import xpcnn.layers as L
+
+    class MyDense(L.Dense):
+        def __init__(self, units, extra, name=None):
+            super().__init__(units, None, True, "glorot_uniform", name)
+            self.extra = extra
+
+    class MyPool(L.MaxPool2D):
+        pass
+
+    with pytest.raises(InputError, match=r"^MyDense's super\(\).__init__ called Dense\(8, None, "
+                                         r"True, 'glorot_uniform', 'd'\): Keras' order, Dense\("
+                                         r"units, .*; xpcnn's order is Dense\(units, "):
+        MyDense(8, 2, name="d")
+    with pytest.raises(InputError, match=r"^MaxPool2D\(2, 2, 'valid', 'channels_first'\): "
+                                         r"Keras' order, MaxPool2D\(pool_size, .*xpcnn's order "
+                                         r"is MaxPool2D\(pool_size, "):
+        MyPool(2, 2, "valid", "channels_first")
+
+
 def test_keras_positional_defaults_and_keywords_are_taken():
     """Keras' positional arguments beyond xpcnn's are taken at Keras' defaults, and passed as
     xpcnn's keywords where it takes them (Conv2D's activation, a pool's name); the name is a

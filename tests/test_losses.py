@@ -938,7 +938,8 @@ class Unnamed(SoftmaxCrossEntropy):
 def test_a_loss_subclass_config_not_naming_its_class_is_refused_at_save(tmp_path):
     model = net("logits")
     model.compile(loss=Unnamed(0.1), optimizer=xpcnn.optim.SGD(0.1))
-    with pytest.raises(InputError, match=r"^loss class Unnamed's get_config\(\) does not give "
-                                         r"'class': 'Unnamed'"):
+    with pytest.raises(InputError, match=r"^loss class Unnamed's get_config\(\) gives no "
+                                         r"'class': it must return a dict with 'class': "
+                                         r"'Unnamed' and the constructor's arguments"):
         model.save(tmp_path / "u.npz")
     assert not (tmp_path / "u.npz").exists()

@@ -183,6 +183,25 @@ def test_layers_appended_to_a_model_with_an_input_declared_build_for_it():
     assert model.built and model.output_shape == (None, 36)
 
 
+def test_a_subclass_build_runs_for_the_builds_xpcnn_makes_as_keras_calls_its_hook():
+    """A subclass's build, Keras' hook, was skipped by the builds xpcnn makes itself (the
+    first data's, input_shape=, add()); they pass the batch's shape, None in front."""
+    calls = []
+
+    class Hooked(xpcnn.Sequential):
+        def build(self, input_shape=None):
+            calls.append(input_shape)
+            super().build(input_shape)
+
+    model = Hooked([Dense(2)])
+    model.compile(optimizer="sgd")
+    model.fit(np.zeros((8, 4), "float32"), np.zeros(8, int), epochs=1, verbose=0)
+    declared = Hooked([Dense(2)], input_shape=(4,))
+    assert calls == [(None, 4), (None, 4)]
+    declared.add(Dense(3))
+    assert calls[2:] == [(None, 4)] and declared.output_shape == (None, 3)
+
+
 @pytest.mark.parametrize("cls", [xpcnn.Sequential, xpcnn.Model])
 @pytest.mark.parametrize("key", ["name", "seed", "dtype", "input_shape", "layers"])
 def test_from_config_takes_the_constructors_defaults_for_missing_keys(cls, key):
@@ -284,15 +303,23 @@ def test_a_frozen_model_trains_no_layer_unfrozen_after_it_as_in_keras():
 
 
 @pytest.mark.parametrize("flag", [True, False])
-def test_a_models_flag_sets_that_of_a_base_added_whole_as_keras_sets_a_nested_models(flag):
+@pytest.mark.parametrize("api", ["sequential", "functional", "alone"])
+def test_a_models_flag_sets_that_of_a_base_added_whole_as_keras_sets_a_nested_models(flag, api):
     """outer.trainable = True left a base frozen as a whole with its own flag False (its
-    layers' True), so base.fit trained nothing; Keras' setter sets a nested model's too."""
+    layers' True), so base.fit trained nothing; Keras' setter sets a nested model's too,
+    whether added to a Sequential or called in a functional model (was: only the former);
+    Sequential([base]) and base each hold the other's layers whole: both set, once."""
     base = xpcnn.Sequential([xpcnn.Input((4,)), Dense(3), Dense(3)], seed=0)
     base.trainable = not flag
-    outer = xpcnn.Sequential([base, Dense(2)])
+    if api == "functional":
+        inputs = xpcnn.Input((4,))
+        outer = xpcnn.Model(inputs, Dense(2)(base(inputs)))
+    else:
+        outer = xpcnn.Sequential([base] if api == "alone" else [base, Dense(2)])
     outer.trainable = not flag
     outer.trainable = flag
-    assert base.trainable is flag and all(la.trainable is flag for la in base.layers)
+    assert outer.trainable is flag and base.trainable is flag
+    assert all(la.trainable is flag for la in base.layers)
     assert len(base.trainable_weights) == (4 if flag else 0)
     assert base.trainable_layers == (list(base.layers) if flag else [])
     x = np.random.default_rng(0).random((8, 4)).astype("float32")

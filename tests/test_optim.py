@@ -1765,4 +1765,12 @@ def test_a_pytorch_step_override_is_refused_where_the_class_is_defined():
             self.steps = getattr(self, "steps", 0) + 1
             super().step(xp, params, grads, kernels, apply, scalars)
 
-    _compiled(Counted())
+    import xpcnn
+    from xpcnn.layers import Dense
+
+    model = xpcnn.Sequential([xpcnn.Input((4,)), Dense(3)], seed=0)
+    model.compile(optimizer=Counted(0.1))
+    before = model.get_weights()
+    model.train_on_batch(np.ones((2, 4), np.float32), np.arange(2))
+    assert model.optimizer.steps == 1  # (its step trained the batch)
+    assert not np.array_equal(model.get_weights()[0], before[0])

@@ -91,8 +91,8 @@ class KerasStyle(Layer):
     (Nameless(5, name="feat"), r"^layer class Nameless's get_config\(\) does not give 'name', "
                                r"which its constructor takes \(layer 'feat' would load under"),
     (TupleOnly(), r"^layer class TupleOnly cannot be rebuilt from its get_config\(\) "
-                  r"\{'name': 'tupleonly', 'pair': \[1, 2\]\} \(TypeError: pair must be a "
-                  r"tuple"),
+                  r"\{'name': 'tupleonly', 'pair': \[1, 2\]\} \(InputError: TupleOnly."
+                  r"from_config: .*pair must be a tuple"),
 ], ids=["untaken-key", "no-name", "not-rebuilt"])
 def test_user_layer_config_that_cannot_rebuild_it_is_refused_before_any_write(
         tmp_path, layer, message):

@@ -574,6 +574,70 @@ def test_a_layer_holding_a_built_layer_with_weights_is_refused_where_it_is_built
     xpcnn.Sequential([first, reads, L.Dense(4)], seed=0).build((6,))
 
 
+class HoldsModel(Layer):
+    """A model held in an attribute: its layers are the layer's sub-layers all the same."""
+
+    def _build(self, input_shape, rng):
+        self.inner = xpcnn.Sequential([L.Dense(4)], input_shape=input_shape)
+        return (4,)
+
+    def forward(self, x, training=False, options=None):
+        return self.inner(x)
+
+
+def test_a_layer_holding_a_model_is_refused_as_holding_its_layers():
+    with pytest.raises(InputError, match=r"^layer class HoldsModel holds built layers with "
+                                         r"weights of their own in self.inner.layers\[0\]:.*"
+                                         r"not where a layer holds it$"):
+        _model(HoldsModel()).build((6,))  # (was taken: the Dense inside never trained nor saved)
+
+
+def test_a_layer_held_by_another_model_alone_is_refused():
+    other = xpcnn.Sequential([L.Dense(5)], input_shape=(6,))
+    reads = Activation()
+    reads.first = other.layers[0]  # (another model's: this one neither trains nor saves it)
+    with pytest.raises(InputError, match=r"^layer class Activation holds built layers with "
+                                         r"weights of their own in self.first:"):
+        xpcnn.Sequential([reads, L.Dense(4)], seed=0).build((6,))  # (was taken, count 0)
+
+
+class Tied(Layer):
+    """A decoder reading its encoder's kernel, transposed: one model holds both."""
+
+    def __init__(self, encoder, name=None):
+        super().__init__(name)
+        self.encoder = encoder
+
+    def _build(self, input_shape, rng):
+        return self.encoder.input_shape
+
+    def forward(self, x, training=False, options=None):
+        return x @ self.encoder.params["kernel"].T
+
+
+def test_a_tied_layer_builds_in_the_model_holding_its_encoder():
+    encoder = L.Dense(4)
+    m = xpcnn.Sequential([encoder, Tied(encoder)], input_shape=(6,))
+    assert m.count_params() == 6 * 4 + 4
+    kernel, bias = encoder.params["kernel"], encoder.params["bias"]
+    np.testing.assert_allclose(m.predict(X, verbose=0), (X @ kernel + bias) @ kernel.T,
+                               rtol=1e-5)
+
+
+class Tree(Layer):
+    def __init__(self, name=None):
+        super().__init__(name)
+        self.node = {"children": []}
+        self.node["children"].append({"parent": self.node})  # (a cycle)
+
+    def forward(self, x, training=False, options=None):
+        return x
+
+
+def test_an_attribute_holding_itself_is_looked_through_once():
+    np.testing.assert_array_equal(Tree()(X), X)  # (was a RecursionError at build)
+
+
 class NoReturn(Layer):
     def _build(self, input_shape, rng):
         self.factor = 2.0  # (and no return: the commonest slip)
@@ -682,9 +746,46 @@ def test_the_save_check_makes_the_from_config_round_trip(tmp_path):
         m.save(tmp_path / "m.npz")
 
 
+class PolyForgets(Poly):
+    @classmethod
+    def from_config(cls, config):
+        return cls(name=config["name"])  # (coeffs forgotten: the default's would load)
+
+
+def test_the_save_check_compares_what_the_users_from_config_rebuilds(tmp_path):
+    m = xpcnn.Sequential([xpcnn.Input((6,)), PolyForgets((1.0, 2.0, 3.0)), L.Dense(4)])
+    with pytest.raises(InputError, match=r"^layer class PolyForgets's get_config\(\) \{'name': "
+                                         r"'polyforgets', 'coeffs': \[1.0, 2.0, 3.0\]\} "
+                                         r"rebuilds a layer whose get_config\(\) is \{'name': "
+                                         r"'polyforgets', 'coeffs': \[0.0, 1.0\]\}, so that a "
+                                         r"saved model would load another layer: define "
+                                         r"get_config\(\) and from_config\(\)"):
+        m.save(tmp_path / "m.npz")  # (was saved, loading coeffs (0.0, 1.0))
+    assert not (tmp_path / "m.npz").exists()
+    m.layers[0].trainable = False  # (the spec's "trainable", not the settings compared)
+    m.layers[0].coeffs = (0.0, 1.0)
+    m.save(tmp_path / "m.npz")
+
+
 @pytest.mark.parametrize("layer, x", [
     (L.ReLU(), np.ones((2, 4, 4, 2))), (L.MaxPool2D(2), np.ones((2, 4, 4, 2))),
     (L.Flatten(), np.ones((2, 4, 4, 2))),
     (L.Add(), [np.ones((2, 3), np.float32), np.ones((2, 3))])])
 def test_a_float64_batch_is_cast_to_the_layers_float32_as_keras_casts_it(layer, x):
     assert layer(x).dtype == np.float32  # (was float64 for the layers passing values on)
+
+
+@pytest.mark.parametrize("make, shape", [(L.ReLU, (4, 4, 2)), (lambda: L.MaxPool2D(2), (4, 4, 2)),
+                                         (L.Flatten, (4, 4, 2)), (L.Add, [(3,), (3,)])])
+@pytest.mark.parametrize("dtype, compute, given, got", [
+    ("float64", None, np.float64, np.float64),  # (a float64 model's layer: not float32)
+    ("float64", None, np.float32, np.float64),  # (cast up to the layer's, as down)
+    ("float32", "float16", np.float16, np.float16),  # (mixed precision's activations: kept)
+    ("float32", "float16", np.float64, np.float32)])
+def test_a_batch_of_another_float_dtype_is_cast_to_the_layers_own(make, shape, dtype, compute,
+                                                                  given, got):
+    layer = make()
+    layer.build(shape, "cpu", dtype, compute)
+    x = ([np.ones((2, *s), given) for s in shape] if layer.multi_input else
+         np.ones((2, *shape), given))
+    assert layer(x).dtype == got

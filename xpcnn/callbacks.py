@@ -361,13 +361,14 @@ def _own_file(cb: Callback) -> str | tuple[str, str] | None:
         return None
 
 
-def check_own_files(callbacks: Iterable[Callback]) -> None:
+def check_own_files(callbacks: Collection[Callback]) -> None:
     """Refuse two of fit's writers (:class:`BackupAndRestore` or ``fit(checkpoint=...)``,
     :class:`ModelCheckpoint`, :class:`CSVLogger`) that would write one file: each write would
     replace the other's (the best model of ``save_best_only``, the log), as the command line
     refuses two outputs on one file. A ModelCheckpoint path with fields (``{epoch}``) is
     refused here where another ModelCheckpoint has the same one; where it fills to another's
-    file, as it saves (:meth:`ModelCheckpoint._save`), which knows the files it is handed here."""
+    file, as it saves (:meth:`ModelCheckpoint._save`): every ModelCheckpoint is handed here
+    one record of this fit's files, the fixed ones' and those its ModelCheckpoints write."""
     files: dict[str | tuple[str, str], Callback] = {}
     for cb in callbacks:
         if (file := _own_file(cb)) is None:
@@ -376,9 +377,12 @@ def check_own_files(callbacks: Iterable[Callback]) -> None:
             shown = file if isinstance(file, str) else os.path.join(*file)
             raise InputError(_same_file(files[file], cb, repr(shown)))
         files[file] = cb
-    for file, cb in files.items():
-        if isinstance(file, tuple):
-            cb._others = {f: other for f, other in files.items() if isinstance(f, str)}
+    # (one record shared by the fit's ModelCheckpoints, every one handed it: none keeps an
+    # earlier fit's)
+    written = {f: cb for f, cb in files.items() if isinstance(f, str)}
+    for cb in callbacks:
+        if isinstance(cb, ModelCheckpoint):
+            cb._others = written
 
 
 def _same_file(a: Callback, b: Callback, shown: str) -> str:
@@ -962,8 +966,9 @@ class ModelCheckpoint(_Monitor):
     only with ``save_best_only`` on a ``val_*`` monitor; refused before training otherwise).
     Under ``mpiexec`` every rank must have it (rank 0 writes): saving averages the ranks'
     BatchNorm statistics, a collective. A file of another of fit's writers is refused
-    (:func:`check_own_files`); one the template fills to, as it does, before that save: fit
-    stops there (exact for every format, where a check before training would guess).
+    (:func:`check_own_files`); one the template fills to, or that another ModelCheckpoint
+    wrote in this fit, before that save: fit stops there (exact for every format, where a
+    check before training would guess).
 
     ``save_best_only``: only when ``monitor`` improved (the path may then be fixed); the first
     value saves unless ``initial_value_threshold`` is given: then only a value beating it.
@@ -1023,7 +1028,8 @@ class ModelCheckpoint(_Monitor):
         self.run: dict[str, Any] = {}
         # (the epoch's save, put off by fit's CallbackList until every on_epoch_end has run)
         self._pending: list[Callable[[], None]] | None = None
-        # (the files of fit's other writers, by file, where the path has fields: check_own_files)
+        # (fit's files, by file: its fixed writers' and those its ModelCheckpoints wrote, one
+        # record for them all, see check_own_files)
         self._others: dict[str, Callback] = {}
 
     def get_state(self) -> dict[str, Any]:
@@ -1121,7 +1127,8 @@ class ModelCheckpoint(_Monitor):
         fields = {**logs, "epoch": epoch + 1, **({} if batch is None else {"batch": batch + 1})}
         path = self._fill(fields)
         at = f"epoch {epoch + 1}" + ("" if batch is None else f", batch {batch + 1}")
-        if self._others and (other := self._others.get(file := written_file(path))) is not None:
+        other = self._others.setdefault(file := written_file(path), self)
+        if other is not self:
             raise InputError(_same_file(self, other, f"{file!r} (its path {self.filepath!r} "
                                         f"filled at {at}; not written)"))
         # (every rank saves alike, from the same count and logs; the ranks' BatchNorm

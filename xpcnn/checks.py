@@ -632,6 +632,20 @@ def same_author(obj: Any, name: str, *others: str) -> bool:
     return all(defined_by(obj, other) is owner for other in others)
 
 
+def check_config_class(obj: Any, config: Any, kind: str, returns: str) -> None:
+    """Refuse (at save) ``obj``'s get_config() ``config`` where it does not name ``obj``'s
+    class under "class" (Keras' schedules leave it out): files name the class to rebuild, and
+    one written from it would never load, or load xpcnn's in its place. ``kind``: "loss",
+    "optimizer" or "schedule"; ``returns``: what else the dict holds."""
+    name = type(obj).__name__
+    if not isinstance(config, dict) or config.get("class") != name:
+        got = (f"a {type(config).__name__}" if not isinstance(config, dict) else
+               "no 'class'" if "class" not in config else f"'class': {config['class']!r}")
+        raise InputError(f"{kind} class {name}'s get_config() gives {got}: it must return a "
+                         f"dict with 'class': {name!r} and {returns}, so that a saved model "
+                         "rebuilds it")
+
+
 def unsaved_settings(obj: Any, config: dict[str, Any], unwritten: Collection[str] = ()
                      ) -> list[str]:
     """The settings that ``obj``'s constructor takes (by name) and ``config``, its

@@ -13,6 +13,7 @@ from .backend import dtype_name, to_host
 from .checks import (
     as_labels,
     as_sample_weights,
+    check_config_class,
     defined_by,
     is_one_of,
     named_parameters,
@@ -172,14 +173,10 @@ class SoftmaxCrossEntropy:
         """Refuse to save a subclass whose constructor takes settings that its ``get_config()``
         does not give, or that gives settings the constructor does not take (run at save)."""
         config = self.get_config()
-        name = type(self).__name__
-        if type(self) is not SoftmaxCrossEntropy and (
-                not isinstance(config, dict) or config.get("class") != name):
-            # (a file without it loads xpcnn's cross-entropy in its place)
-            raise InputError(f"loss class {name}'s get_config() does not give 'class': "
-                             f"{name!r}: return {{**super().get_config(), ...}} (which gives "
-                             "it) with the constructor's arguments, so that a saved model "
-                             "rebuilds it")
+        if type(self) is not SoftmaxCrossEntropy:  # (xpcnn's own: its files name no class)
+            check_config_class(self, config, "loss", "the constructor's arguments "
+                               "({**super().get_config(), ...}: the class and the base's "
+                               "settings)")
         # (Keras' keywords are not saved: xpcnn's constructor takes them only as what it does
         # anyway; a subclass that takes one itself is checked below, by its rebuilt copy)
         missing = unsaved_settings(self, config, (*_KERAS_DEFAULTS, *(

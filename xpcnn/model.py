@@ -174,7 +174,7 @@ class Model(Trainer):
             layers, inbound, self._symbolic = traced
             with _names_back_if_refused(layers):
                 self._set_graph(layers, inbound)
-                self._build_for(graph.input_shape_of(inputs))
+                self.build((None, *graph.input_shape_of(inputs)))
             if not trainable:
                 self.trainable = False
 
@@ -244,7 +244,7 @@ class Model(Trainer):
                 list.__setitem__(self._layers, slice(None), old)
                 self.built = False
                 if built and shape is not None:
-                    self._build_for(shape)  # (as it was: its layers keep their weights)
+                    self.build((None, *shape))  # (as it was: its layers keep their weights)
                 raise
         if frozen:  # (a frozen model's new layers are frozen: see trainable)
             for la in value:
@@ -296,7 +296,7 @@ class Model(Trainer):
         if not self.built and self.layers:
             # (built at its first call, as Keras builds a Sequential, symbolic calls too: its
             # weights from its own seed, and summary, weights and save_weights work on it)
-            self._build_for(x.sample_shape)
+            self.build((None, *x.sample_shape))
         values = [x]
         for layer, ins in zip(self.layers, self._inbound(), strict=True):
             # (not one of the layer's inbound nodes: its output stays this model's, as in Keras)
@@ -324,39 +324,14 @@ class Model(Trainer):
                                  "the per-sample shape, model.build((32, 32, 3)), or the "
                                  "batch's, model.build((None, 32, 32, 3))")
             input_shape = (None, *input_shape)  # (the model's own: no batch size in front)
+        # (only a shape without None in front may hold a batch size: xpcnn's own builds, the
+        # first data's, a declared input's, a file's, put None there)
         batch_first = not (isinstance(input_shape, list | tuple) and input_shape
                            and input_shape[0] is None)
         shape = _sample_shape(per_sample(input_shape))
         known = self._input_shape if self.built else getattr(self, "_declared_input", None)
-        if known is not None and shape[1:] == tuple(known):  # (Keras' build((32, H, W, C)))
-            raise _batch_size_given(self, shape, f"its input is {known}")
-        seen = shape == getattr(self, "_shape_checked", None)  # (warned once: add() builds again)
-        try:
-            self._build_for(shape)
-        except InputError as e:
-            if len(shape) == 4 and not _builds_for(self.layers[0], shape) and \
-                    _builds_for(self.layers[0], shape[1:]):
-                # (a Conv2D first, which said only that it takes (H, W, C); images only:
-                # a Dense first given (6, 6) is told to flatten them)
-                raise _batch_size_given(self, shape, str(e)) from None
-            raise
-        if not seen and batch_first and len(shape) >= 4 and \
-                isinstance(self.layers[0], Flatten) and not checks.shape_warned():
-            # (Keras' build((8, 5, 5, 1)) is a batch of 8: a Flatten first takes any rank,
-            # and per-sample shapes of 4 axes are rare beside images' 3)
-            warn(f"model {self.name!r}.build({tuple(input_shape)!r}) builds it for samples "
-                 f"of shape {shape}, whose first layer, a Flatten, takes any rank: if "
-                 f"{shape[0]} is a batch size (Keras' build takes the batch's shape), "
-                 f"build a new model for {shape[1:]} or {(None, *shape[1:])}; pass "
-                 f"{(None, *shape)} to say that each sample is {shape}", UserWarning)
-
-    def _build_for(self, shape: tuple[int, ...]) -> None:
-        """Build for per-sample ``shape``, checked as :meth:`build` checks it: the builds xpcnn
-        makes itself (a declared input, a file's, the first data's, a change of layers) come
-        here, never warning that its first size may be a batch's, as only a shape given to
-        build may be."""
-        self._require_layers()
-        shape = _sample_shape(shape)
+        if batch_first and known is not None and shape[1:] == tuple(known):
+            raise _batch_size_given(self, shape, f"its input is {known}")  # (Keras' (32, H, W, C))
         graph.check_graph(self.layers, self._inbound())
         check_structure(self.layers)
         built_for = self._input_shape if self.built else None
@@ -364,19 +339,35 @@ class Model(Trainer):
             self._input_shape = shape
             try:
                 self._build_layers()
-            except BaseException:
+            except BaseException as e:
                 # (a layer refused the new shape, the layers before it built for it: a built
                 # model is built again for its own, with the weights it kept)
                 if built_for is not None:
                     self._input_shape = built_for
                     self._build_layers()
+                if batch_first and isinstance(e, InputError) and len(shape) == 4 and \
+                        not _builds_for(self.layers[0], shape) and \
+                        _builds_for(self.layers[0], shape[1:]):
+                    # (a Conv2D first, which said only that it takes (H, W, C); images only:
+                    # a Dense first given (6, 6) is told to flatten them)
+                    raise _batch_size_given(self, shape, str(e)) from None
                 raise
         if shape != getattr(self, "_shape_checked", None):  # (once: add() builds again)
             self._shape_checked = shape
             checks.declared_shape(shape, self.name)  # (Input((3, 32, 32)), PyTorch's layout)
+            if batch_first and len(shape) >= 4 and isinstance(self.layers[0], Flatten) and \
+                    not checks.shape_warned():
+                # (Keras' build((8, 5, 5, 1)) is a batch of 8: a Flatten first takes any rank,
+                # and per-sample shapes of 4 axes are rare beside images' 3)
+                warn(f"model {self.name!r}.build({tuple(input_shape)!r}) builds it for samples "
+                     f"of shape {shape}, whose first layer, a Flatten, takes any rank: if "
+                     f"{shape[0]} is a batch size (Keras' build takes the batch's shape), "
+                     f"build a new model for {shape[1:]} or {(None, *shape[1:])}; pass "
+                     f"{(None, *shape)} to say that each sample is {shape}", UserWarning)
         # (the optimiser's state stays, as in Keras: built layers keep their weights and
         # their shapes, and the next step's plan starts it afresh only where the layers it
         # trains changed, see _plan)
+
 
     def _require_layers(self) -> None:
         if not self.layers:
@@ -908,14 +899,17 @@ class Model(Trainer):
         value = checks.flag(value, "trainable")
         for la in self.layers:
             la.trainable = value
-        # (a model added whole takes it too, as Keras' setter sets a nested model's: else
-        # outer.trainable = True left base.trainable False, and base.fit trained nothing)
-        for base in getattr(self, "_bases", ()):
-            if _held_at(self.layers, base.layers) is not None:
-                base.trainable = value
-        self._trainable = value
-        # (listed again: no layer's flag may have changed, yet the layers trained have)
-        self._trained_at = None
+        # (a model held whole takes it too, added to a Sequential or called in a functional
+        # model, as Keras' setter sets a nested model's: else outer.trainable = True left
+        # base.trainable False, and base.fit trained nothing; one at any depth is found here,
+        # its layers set above, so only its own flag: Sequential([base]) and base each hold
+        # the other's layers)
+        held = {id(m): m for la in self.layers for m in holders_of(la)}
+        for model in {**held, id(self): self}.values():
+            if model is self or _held_at(self.layers, model.layers) is not None:
+                model._trainable = value
+                # (listed again: no layer's flag may have changed, yet the layers trained have)
+                model._trained_at = None
 
     def _trains(self, layer: Layer) -> bool:
         """Whether this model trains ``layer`` (its parameters, where it has some): the
@@ -1121,7 +1115,7 @@ class Sequential(Model):
                 self._add(layer)
             input_shape = input_shape if input_shape is not None else self._declared_input
             if input_shape is not None and self.layers:
-                self._build_for(input_shape)  # (per sample, as Keras')
+                self.build((None, *_sample_shape(input_shape)))  # (per sample, as Keras')
             elif input_shape is not None:  # (no layers yet: declared, as add(Input) does)
                 self._declared_input = _sample_shape(input_shape)
         if not trainable:  # (the layers given, and those added later: see trainable)
@@ -1163,12 +1157,12 @@ class Sequential(Model):
             shape = self._declared_input
         if shape is not None:
             try:
-                self._build_for(shape)
+                self.build((None, *shape))
             except BaseException:  # (refused as a whole: the model as it was)
                 list.__delitem__(self.layers, slice(held, None))
                 self.built, self._declared_input = False, declared
                 if held:
-                    self._build_for(shape)
+                    self.build((None, *shape))
                 raise
         if frozen:  # (a frozen model's new layers are frozen: see trainable)
             for la in self.layers[held:]:
@@ -1247,7 +1241,7 @@ class Sequential(Model):
                                     self.seed)
                 shape = self.layers[at - 1].output_shape if at else self._input_shape
                 built.append((base, base._symbolic, _attributes(list(base.layers))))
-                base._build_for(shape)
+                base.build((None, *shape))
             super()._build_layers()
         except BaseException:
             for base, symbolic, attributes in reversed(built):
@@ -1265,7 +1259,7 @@ class Sequential(Model):
         if shape is not None and self.layers:
             # (the optimiser's state kept: the next step's plan starts it afresh only where the
             # trained layers changed, as after a freeze)
-            self._build_for(shape)
+            self.build((None, *shape))
         elif shape is not None:  # (emptied: its input kept, as Keras keeps its InputLayer, and
             self._declared_input = shape  # the next add() builds for it)
 
@@ -1332,7 +1326,7 @@ def _from_config(cls: type[Model], config: Any, device: DeviceLike) -> Any:
     with checks.warned_shape():  # (a channels-first shape was warned of when declared)
         model = cls.from_config(config, layers, device)
         if shape:
-            model._build_for(input_shape)
+            model.build((None, *input_shape))
     return model
 
 

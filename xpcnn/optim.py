@@ -22,6 +22,7 @@ from collections.abc import Callable, Collection, Iterator
 from typing import Any
 
 from .checks import (
+    check_config_class,
     defining_class,
     flag,
     is_one_of,
@@ -337,19 +338,6 @@ SCHEDULES: dict[str, type[Schedule]] = {}
 OPTIMIZER_CLASSES: dict[str, type[Optimizer]] = {}
 
 
-def _check_class(obj: Any, config: Any, kind: str, returns: str) -> None:
-    """Refuse (at save) ``obj``'s get_config() ``config`` where it does not name ``obj``'s
-    class under "class" (Keras' schedules leave it out): files name the class to rebuild, and
-    one written from it would never load."""
-    name = type(obj).__name__
-    if not isinstance(config, dict) or config.get("class") != name:
-        got = (f"a {type(config).__name__}" if not isinstance(config, dict) else
-               "no 'class'" if "class" not in config else f"'class': {config['class']!r}")
-        raise InputError(f"{kind} class {name}'s get_config() gives {got}: it must return a "
-                         f"dict with 'class': {name!r} and {returns}, so that a saved model "
-                         "rebuilds it")
-
-
 class Schedule:
     """A learning rate as a function of the step count (0 for the first step)."""
 
@@ -372,7 +360,7 @@ class Schedule:
         its class, or from which :func:`schedule_from_config` makes another schedule (its
         files would not load, or load another)."""
         config = self.get_config()
-        _check_class(self, config, "schedule", "the constructor's arguments, as the default "
+        check_config_class(self, config, "schedule", "the constructor's arguments, as the default "
                      "get_config() does (the class, then the attributes)")
         missing, untaken = unsaved_settings(self, config), untaken_settings(self, config)
         if missing:
@@ -1090,7 +1078,7 @@ class Optimizer:
         :meth:`_left_out`), and its schedule likewise. Run at save, not in get_config, which is
         also called elsewhere."""
         config = self.compile_config()
-        _check_class(self, config, "optimizer", "the constructor's arguments "
+        check_config_class(self, config, "optimizer", "the constructor's arguments "
                      "({**super().get_config(), ...}: the class and the base's settings)")
         missing = unsaved_settings(self, config, self._left_out())
         untaken = untaken_settings(self, config)

@@ -189,7 +189,7 @@ def _ready_model(model: Any, sample_shape: tuple[int, ...]) -> Model:
     if not model.layers:
         raise InputError("the model has no layers to show")
     if not model.built:
-        model._build_for(sample_shape)
+        model.build((None, *sample_shape))  # (per sample: a build of its own, never warned)
     return model
 
 

@@ -468,7 +468,7 @@ def build_for(model: Any, sample: tuple[int, ...], what: str = "x", fix: str | N
     try:
         shape = checks.shape_to_build(sample, what)
         with checks.warned_shape():
-            model._build_for(shape)
+            model.build((None, *shape))
     except InputError as e:
         if len(sample) != 2 or not _builds_for(model, (*sample, 1)):
             raise
@@ -485,7 +485,7 @@ def _builds_for(model: Any, shape: tuple[int, ...]) -> bool:
     """Whether the unbuilt ``model`` builds for ``shape``; it is left unbuilt."""
     try:
         with model._unbuilt_if_refused():
-            model._build_for(shape)
+            model.build((None, *shape))
             raise _Built
     except _Built:
         return True

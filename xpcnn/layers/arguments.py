@@ -13,8 +13,14 @@ from typing import Any
 import numpy as np
 
 from ..backend import to_host
-from ..checks import is_one_of, looks_channels_first, named_parameters, takes_keywords
-from ..errors import InputError
+from ..checks import (
+    defining_class,
+    is_one_of,
+    looks_channels_first,
+    named_parameters,
+    takes_keywords,
+)
+from ..errors import InputError, of_xpcnn
 
 #: A per-sample shape (no batch axis), as layers are built for it.
 Shape = tuple[int, ...]
@@ -390,17 +396,37 @@ def keras_positional(init: Callable[..., None]) -> Callable[..., None]:
                 foreign.append(i)
         twice = [k for k in (*ours[:len(args)], *passed) if k in kwargs]
         if twice or foreign:
-            raise InputError(_positional_error(type(self).__name__, owner, ours, keywords, args,
-                                               kwargs, twice, foreign))
+            raise InputError(_positional_error(_called(type(self), owner), owner, ours, keywords,
+                                               args, kwargs, twice, foreign))
         init(self, *args[:len(ours)], **kwargs, **passed)
 
     return checked
 
 
-def _positional_error(name: str, owner: str, ours: list[str], keywords: list[str],
+def _called(cls: type, owner: str) -> tuple[str, str]:
+    """The xpcnn class whose constructor ``cls(...)`` ran, named as the caller wrote it (the
+    nearest public one of ``cls``'s MRO: MaxPool2D for ``_Pool2D``'s, ``owner``'s where ``cls``
+    subclasses it alone), and where a user's class's own ``__init__`` called it, what to say
+    first ("MyDense's super().__init__ called "): the call is not that class's own."""
+    name = owner
+    for c in cls.__mro__:
+        if of_xpcnn(c.__module__) and not c.__name__.startswith("_"):
+            name = c.__name__
+            break
+        if c.__name__ == owner:  # (a user's class of _Pool2D's own: none public before it)
+            break
+    user = defining_class(cls, "__init__")
+    if user is None or of_xpcnn(user.__module__):
+        return name, ""
+    return name, f"{user.__name__}'s super().__init__ called "
+
+
+def _positional_error(called: tuple[str, str], owner: str, ours: list[str], keywords: list[str],
                       args: tuple[Any, ...], kwargs: dict[str, Any], twice: list[str],
                       foreign: list[int]) -> str:
-    """The message of :func:`keras_positional`'s refusal of ``name(*args, **kwargs)``."""
+    """The message of :func:`keras_positional`'s refusal of ``name(*args, **kwargs)``,
+    ``called`` (name, how the call came) as :func:`_called` gives it."""
+    name, caller = called
     shown = ", ".join([*map(repr, args), *(f"{k}={v!r}" for k, v in kwargs.items())])
     order = ", ".join([*ours, "*", *(k for k in keywords if k not in ours)])
     ours_said = f"xpcnn's order is {name}({order})"
@@ -409,8 +435,8 @@ def _positional_error(name: str, owner: str, ours: list[str], keywords: list[str
                        for v in args)
     torch_said = f". {torch}" if torch and (twice or numbers_only) else ""
     if twice:
-        return f"{name}({shown}): {twice[0]} given by position and by keyword: {ours_said}" \
-               f"{torch_said}"
+        return f"{caller}{name}({shown}): {twice[0]} given by position and by keyword: " \
+               f"{ours_said}{torch_said}"
     keras = KERAS_ORDER[owner]
     keras_said = ", ".join(keras[:len(args)]) + (", ..." if len(args) < len(keras) else "")
     reading = ", ".join(f"{k}={v!r}" for k, v in zip(keras, args, strict=False))
@@ -422,7 +448,7 @@ def _positional_error(name: str, owner: str, ours: list[str], keywords: list[str
         why = KERAS_KEYWORDS.get(owner, {}).get(key) or _KERAS_COMMON.get(key)
         if why:
             whys[why.format(value=repr(args[i]))] = None
-    return (f"{name}({shown}): Keras' order, {name}({keras_said}), reads {reading}; "
+    return (f"{caller}{name}({shown}): Keras' order, {name}({keras_said}), reads {reading}; "
             f"{ours_said}{''.join(f'. {why}' for why in whys)}{torch_said}")
 
 

@@ -682,7 +682,9 @@ class Layer:
                              "arrays the layer's own (self._param(name, value) in _build, named "
                              "in weight_names, read as self.params[name] in forward and "
                              "backward), or compose the layers in a model (Sequential, or a "
-                             "functional xpcnn.Model), which another model may hold as a layer")
+                             "functional xpcnn.Model) instead of this layer: a model's layers "
+                             "join another model where it is added to a Sequential or called "
+                             "on a functional model's tensor, not where a layer holds it")
         unnamed = [k for k in self._arrays() if k not in self.weight_names]
         if unnamed:  # (a user's layer: its weights would be trained, and never saved)
             raise InputError(f"layer class {type(self).__name__} makes the arrays {unnamed} "
@@ -950,10 +952,15 @@ class Layer:
             return
         try:
             with rebuilding():
-                made_from_config(cls, settings)
+                again = json.loads(json.dumps(cls.from_config(settings).get_config()))
         except (KeyError, TypeError, ValueError, AttributeError, OverflowError) as e:
             raise InputError(f"layer class {cls.__name__} cannot be rebuilt from its "
                              f"get_config() {settings} ({type(e).__name__}: {e}): {fix}") from e
+        again.pop("trainable", None)  # (the layer spec's: see settings)
+        if again != settings:  # (a from_config dropping a setting: the file loaded other values)
+            raise InputError(f"layer class {cls.__name__}'s get_config() {settings} rebuilds a "
+                             f"layer whose get_config() is {again}, so that a saved model "
+                             f"would load another layer: {fix}")
 
     def unbuilt_copy(self) -> Layer:
         """A new layer made from :meth:`get_config` (to build aside, leaving this one as it
@@ -961,12 +968,13 @@ class Layer:
         config = self.get_config()
         try:
             with rebuilding():
-                return made_from_config(type(self), config)
-        except TypeError as e:
+                return type(self).from_config(config)
+        except (TypeError, InputError) as e:  # (a user's from_config's bare one; Layer's names it)
             raise InputError(f"layer {self.name!r} ({type(self).__name__}) cannot be made again "
-                             f"from its get_config() {config!r} ({e}): a layer's get_config() "
-                             "returns its constructor's arguments, name included (a graph "
-                             "builds a copy to learn the output shape)") from None
+                             f"from its get_config() {config!r} ({type(e).__name__}: {e}): a "
+                             "layer's get_config() returns its constructor's arguments, name "
+                             "included (a graph builds a copy to learn the output shape)"
+                             ) from None
 
     def _arrays(self) -> dict[str, Any]:
         return {**self.params, **self.state}
@@ -1218,17 +1226,6 @@ class Layer:
         return f"{type(self).__name__}({args})"
 
 
-def made_from_config(cls: type[Layer], config: dict[str, Any]) -> Layer:
-    """A layer of class ``cls`` rebuilt from ``config`` (its get_config(), as a file holds it)
-    by ``cls.from_config(config)``, Keras' hook, which a user's class may override (to turn
-    JSON values back into what its constructor takes); where the class keeps Layer's, by what
-    that does, ``cls(**config)``, whose TypeError the caller names. Call within
-    :func:`~xpcnn.layers.arguments.rebuilding`."""
-    if defining_class(cls, "from_config") is Layer:
-        return cls(**config)
-    return cls.from_config(config)
-
-
 # (help() and the checks of constructors (checks.untaken_settings) see Layer.__init__ as taking
 # name and trainable alone: its **keras is there only to refuse Keras' keywords by name)
 Layer.__init__.__signature__ = inspect.Signature([  # type: ignore[attr-defined]
@@ -1384,17 +1381,29 @@ def _output_shape(layer: Layer, shape: Any) -> Shape:
 
 
 def _held_layers(layer: Layer) -> list[str]:
-    """The attributes of ``layer`` (or the items of lists, tuples and dicts in them) holding a
-    built layer with arrays that are not ``layer``'s own params or state, by name; not one a
-    model holds (a layer of the model read by another, which the model trains and saves)."""
+    """The attributes of ``layer`` (or the items of lists, tuples and dicts in them, or the
+    layers of a model in them) holding a built layer with arrays that are not ``layer``'s own
+    params or state, by name; not one that a model holding ``layer`` holds too (a layer of
+    the model read by another, as tied weights, which that model trains and saves)."""
     own = {id(a) for a in layer._arrays().values()}
+    models = {id(m) for m in holders_of(layer)}
+    seen: set[int] = set()  # (an attribute may hold itself: a tree's parent links)
     found: list[str] = []
 
     def look(value: Any, where: str) -> None:
-        if isinstance(value, Layer):
+        if id(value) in seen:
+            return
+        seen.add(id(value))
+        # (a model, told by its list of layers, this module below the model's: its layers are
+        # not this layer's, as if held one by one)
+        layers = getattr(value, "layers", None) if not isinstance(value, Layer) else None
+        if isinstance(layers, list) and all(isinstance(la, Layer) for la in layers):
+            for k, inner in enumerate(layers):
+                look(inner, f"{where}.layers[{k}]")
+        elif isinstance(value, Layer):
             if value is not layer and vars(value).get("built") and any(
                     id(a) not in own for a in value._arrays().values()) and \
-                    not holders_of(value):
+                    not models & {id(m) for m in holders_of(value)}:
                 found.append(where)
         elif isinstance(value, list | tuple):
             for k, item in enumerate(value):

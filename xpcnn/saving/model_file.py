@@ -31,7 +31,7 @@ from ..files import written_file
 from ..graph import Inbound, check_graph, inbound_of, weight_count
 from ..layers import Normalization
 from ..layers.arguments import rebuilding
-from ..layers.base import LAYER_TYPES, Layer, made_from_config, setting_names
+from ..layers.base import LAYER_TYPES, Layer, setting_names
 from ..losses import loss_from_config
 from ..metrics import metric_from_config
 from ..ops.windows import resolve_padding
@@ -380,7 +380,7 @@ def model_from_file(config: Any, npz: NpzArchive, device: DeviceLike = "cpu",
         check_sizes(layers, input_shape, npz, graph_of(config, layers, path))
         with checks.warned_shape():  # (a channels-first shape was warned of when declared)
             model = _rebuilt(cls, config, layers, device)
-            model._build_for(input_shape)
+            model.build((None, *input_shape))
         if compiled is not None:
             if PRECISIONS.get(compiled["precision"]) is not None:  # (the way out named)
                 precision_dtype(model.backend, compiled["precision"], f"{path} is compiled "
@@ -453,7 +453,7 @@ def layers_from_config(config: Any, path: str) -> tuple[list[Layer], tuple[int, 
                 raise DataFormatError(f"{path}: invalid model configuration: layer {i}'s "
                                       f"trainable is {trainable!r}, expected true or false")
             with rebuilding():  # (by its from_config, which a user's class may override)
-                layers.append(made_from_config(cls, spec["config"]))
+                layers.append(cls.from_config(spec["config"]))
             layers[-1].trainable = trainable
             # (the file's names are kept as they are where they can be, but give way as
             # automatic ones do: two trained models, each with its 'dense', can be joined)
@@ -885,7 +885,7 @@ def build_for_file(model: Any, config: dict[str, Any], npz: NpzArchive) -> None:
     except InputError as e:  # the model's layers do not take that shape
         raise DataFormatError(f"{npz.path} holds a model for inputs of shape {shape}, which "
                               f"this model cannot take: {e}") from e
-    model._build_for(shape)  # (a file's shape: no warning that it may hold a batch size)
+    model.build((None, *shape))  # (a file's shape: no warning that it may hold a batch size)
 
 
 def normal(obj: Any) -> Any:
