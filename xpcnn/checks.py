@@ -604,6 +604,27 @@ def named_parameters(init: Callable[..., Any]) -> list[str]:
             if p.name != "self" and p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)]
 
 
+def unbindable_override(cls: type, method: str, *args: Any, **kwargs: Any
+                        ) -> inspect.Signature | None:
+    """The signature of ``cls``'s own ``method`` where it cannot take the call xpcnn makes
+    (``args`` and ``kwargs``, self among them): another library's hook of the same name
+    (Keras' ``build(self, input_shape)``, PyTorch's ``step(self, closure=None)``). None where
+    ``cls`` does not define it, where it takes that call, or where inspect cannot read it
+    (left to its call)."""
+    own = cls.__dict__.get(method)
+    if own is None:
+        return None
+    try:
+        signature = inspect.signature(own)
+    except (TypeError, ValueError):
+        return None
+    try:
+        signature.bind(*args, **kwargs)
+    except TypeError:
+        return signature
+    return None
+
+
 def takes_keywords(init: Callable[..., Any]) -> bool:
     """Whether ``init`` takes ``**kwargs``."""
     return any(p.kind == p.VAR_KEYWORD for p in inspect.signature(init).parameters.values())

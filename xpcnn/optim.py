@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import copy as copy_module
 import functools
-import inspect
 import json
 import math
 import numbers
@@ -31,6 +30,7 @@ from .checks import (
     registered,
     same_author,
     takes_keywords,
+    unbindable_override,
     unsaved_settings,
     untaken_settings,
 )
@@ -596,20 +596,13 @@ def _refuse_torch_step(cls: type) -> None:
     the training loop passes (``step(xp, params, grads, kernels, apply=..., scalars=...)``):
     PyTorch's ``step(self, closure=None)``, which ended in a bare TypeError at the first
     step."""
-    step = cls.__dict__.get("step")
-    if step is None:
-        return
-    try:
-        signature = inspect.signature(step)
-    except (TypeError, ValueError):  # (a callable inspect cannot read: left to its call)
-        return
-    try:
-        signature.bind(*[None] * 5, apply=None, scalars=None)  # (self, xp, params, grads, kernels)
-    except TypeError:
+    # (self, xp, params, grads, kernels, apply=, scalars=)
+    signature = unbindable_override(cls, "step", *[None] * 5, apply=None, scalars=None)
+    if signature is not None:
         raise InputError(f"optimizer class {cls.__name__} overrides step{signature}, "
                          "PyTorch's hook: xpcnn's step(xp, params, grads, kernels, apply, "
                          "scalars) is the training loop's, which calls the optimiser's "
-                         f"{_HOOK} for each parameter: define that instead") from None
+                         f"{_HOOK} for each parameter: define that instead")
 
 
 def _no_update(cls: type) -> str:

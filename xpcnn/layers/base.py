@@ -48,6 +48,7 @@ from ..checks import (
     real_numbers,
     register,
     takes_keywords,
+    unbindable_override,
     untaken_settings,
 )
 from ..errors import InputError, of_xpcnn, warn
@@ -412,23 +413,16 @@ def _refuse_keras_build(cls: type) -> None:
     model passes (``build(input_shape, backend, dtype, compute_dtype, rng)``): Keras'
     ``build(self, input_shape)`` hook, which ended in a bare TypeError from inside xpcnn at
     the model's first build."""
-    build = cls.__dict__.get("build")
-    if build is None:
-        return
-    try:
-        signature = inspect.signature(build)
-    except (TypeError, ValueError):  # (a callable inspect cannot read: left to its call)
-        return
-    try:
-        signature.bind(*[None] * 6)  # (self, input_shape, backend, dtype, compute_dtype, rng)
-    except TypeError:
+    # (self, input_shape, backend, dtype, compute_dtype, rng)
+    signature = unbindable_override(cls, "build", *[None] * 6)
+    if signature is not None:
         raise InputError(
             f"layer class {cls.__name__} overrides build{signature}, Keras' hook: xpcnn's "
             "build(input_shape, backend, dtype, compute_dtype, rng) is the model's, which calls "
             "the layer's _build(self, input_shape, rng): define that instead, making the "
             "weights with self._param(name, value) (value a NumPy array, e.g. "
             "np.ones(input_shape[-1])), naming them in weight_names, and returning the "
-            "per-sample output shape (input_shape has no batch axis)") from None
+            "per-sample output shape (input_shape has no batch axis)")
 
 
 class Layer:
