@@ -6,6 +6,7 @@ import csv
 import errno
 import os
 import re
+import select
 import stat
 import threading
 
@@ -131,11 +132,18 @@ def test_a_figure_that_cannot_be_written_is_named_and_the_old_one_kept(tmp_path,
 
 
 def _drain(fifo, got: list[bytes], stop: threading.Event) -> None:
-    """A FIFO's reader: what each writer (one an epoch: CSVLogger opens it for each row)
-    writes, until ``stop`` (set, then one empty writer unblocks the open)."""
-    while not stop.is_set():
-        with open(fifo, "rb") as f:
-            got.append(f.read())
+    """A FIFO's reader, holding it open throughout (read and write, as Linux allows: no end
+    of file between two writers, CSVLogger opening it for each row, so no reopening between
+    them to race with), reading what they write until ``stop`` and nothing is left."""
+    fd = os.open(fifo, os.O_RDWR | os.O_NONBLOCK)
+    try:
+        while True:
+            if select.select([fd], [], [], 0.05)[0]:
+                got.append(os.read(fd, 1 << 16))
+            elif stop.is_set():
+                return
+    finally:
+        os.close(fd)
 
 
 def test_a_pipe_or_a_device_is_written_in_place_and_never_replaced(tmp_path):
@@ -169,8 +177,6 @@ def test_a_pipe_or_a_device_is_written_in_place_and_never_replaced(tmp_path):
             piped = f.read()
     finally:
         stop.set()
-        with open(fifo, "wb"):  # (a writer: the reader's open returns, it sees stop)
-            pass
         reader.join(timeout=30)
     for text in (piped.decode(), b"".join(got).decode()):
         rows = list(csv.reader(text.splitlines()))
