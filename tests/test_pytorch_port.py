@@ -197,8 +197,13 @@ def test_dense_and_batchnorm_in_pytorchs_order_name_both_orders():
         BatchNorm2D(64)
     with pytest.raises(InputError, match=r"BatchNorm2D\(64\): .*: BatchNorm2D\(eps=0.001\)$"):
         BatchNorm2D(64, 1e-3)  # (nn.BatchNorm2d(64, 1e-3): its eps kept; was: BatchNorm2D())
-    with pytest.raises(InputError, match=r"momentum must be in \[0, 1\], got 1.5"):
+    with pytest.raises(InputError, match=r"momentum must be in \[0, 1\], got 1.5$"):
         BatchNorm2D(1.5)
+    # (Keras' BatchNormalization(-1, 0.99): its axis first, named so)
+    with pytest.raises(InputError, match=r"got -1; BatchNorm2D\(-1, \.\.\.\) is Keras' order, "
+                                         r"whose first argument is the axis: .*\(Keras' "
+                                         r"momentum=0.99 is xpcnn's 0.01\)$"):
+        BatchNorm2D(-1, 0.99)
     # (nn.BatchNorm2d(1), one channel: taken, a momentum of 1 being one, but said; was only
     # the warning of Keras' momentum, review h8 2)
     with pytest.warns(RuntimeWarning, match=r"Keras' momentum=0.99.*BatchNorm2D\(1\): "

@@ -29,7 +29,12 @@ def _check_eps(eps: float) -> float:
 def _check_momentum(momentum: float) -> float:
     if isinstance(momentum, bool) or not isinstance(momentum, numbers.Real) or not (
             0.0 <= momentum <= 1.0):
-        raise InputError(f"BatchNorm2D momentum must be in [0, 1], got {momentum!r}")
+        # (Keras' BatchNormalization(-1, ...): its first argument is the axis)
+        keras = ("; BatchNorm2D(-1, ...) is Keras' order, whose first argument is the axis: "
+                 "xpcnn's BatchNorm2D normalises the last axis, its first argument is PyTorch's "
+                 "momentum (Keras' momentum=0.99 is xpcnn's 0.01)"
+                 if isinstance(momentum, int | np.integer) and momentum < 0 else "")
+        raise InputError(f"BatchNorm2D momentum must be in [0, 1], got {momentum!r}{keras}")
     # (Keras' 0.99 ported as it is: statistics of the last batches only; said where the user
     # writes it, not at each load of a file that holds it)
     if momentum > 0.5 and advises():
