@@ -31,6 +31,7 @@ from xpcnn.layers import (
     RandomFlip,
     ReLU,
 )
+from xpcnn.losses import SoftmaxCrossEntropy
 from xpcnn.model import Model
 from xpcnn.ops import kernels as kernels_module
 from xpcnn.training import step as step_module
@@ -39,13 +40,21 @@ from xpcnn.training import step as step_module
 class FakeCapture:
     """Records a step instead of running it, as stream capture does; ``launch`` runs the
     recorded step again and writes its outputs where the capture's outputs are. A real replay
-    runs no Python: the layers' host numbers (counters, flags) are put back after each launch,
-    so a step that kept per-step state on the host would repeat itself here, as on a GPU.
-    While it records, the namespace's matrix products raise, as cuBLAS calls do in CuPy 14."""
+    runs no Python, so it computes with the host values the capture saw: each launch runs with
+    the host objects' numbers and losses (the layers', the model's and its loss's: a loss's
+    label_smoothing, counters, flags) as they were at capture, then puts back those of now. A
+    step that kept per-step state on the host repeats itself here, and a host value changed
+    since the capture is not seen, as on a GPU. While it records, the namespace's matrix
+    products raise, as cuBLAS calls do in CuPy 14."""
 
-    def __init__(self, arrays, layers=()):
+    def __init__(self, arrays, layers=(), hosts=()):
         self.arrays, self.captures, self.launches, self.fail = arrays, 0, 0, None
-        self.layers, self.scoped = layers, 0
+        self.hosts, self.scoped = (*layers, *hosts), 0
+
+    def _host_values(self):
+        return [(obj, {k: v for k, v in vars(obj).items()
+                       if isinstance(v, int | float | SoftmaxCrossEntropy)})
+                for obj in self.hosts]
 
     @contextlib.contextmanager
     def scope(self):
@@ -56,20 +65,24 @@ class FakeCapture:
         if self.fail is not None:
             raise self.fail
         before = [(a, np.array(a, copy=True)) for _, a in self.arrays()]
+        host = self._host_values()
         with _cublas_refused():
             out = fn()
         for a, value in before:  # a capture records the work, it does not do it
             a[...] = value
+        for obj, values in host:
+            vars(obj).update(values)
         self.captures += 1
-        return (fn, out), out
+        return (fn, out, host), out
 
     def launch(self, graph):
-        fn, out = graph
-        host = [(layer, {k: v for k, v in vars(layer).items() if isinstance(v, int | float)})
-                for layer in self.layers]
+        fn, out, captured = graph
+        now = self._host_values()
+        for obj, values in captured:
+            vars(obj).update(values)
         out[...] = fn()
-        for layer, numbers in host:
-            vars(layer).update(numbers)
+        for obj, values in now:
+            vars(obj).update(values)
         self.launches += 1
 
 
@@ -105,7 +118,7 @@ def _runner(model, warmup=2):
     with pytest.MonkeyPatch.context() as mp:  # (NumPy: "not CuPy" otherwise)
         mp.setattr(step_module, "graph_blockers", lambda backend: [])
         graphs = model._step_graphs()
-    capture = FakeCapture(model._graph_arrays, model.layers)
+    capture = FakeCapture(model._graph_arrays, model.layers, (model, model.loss))
     graphs.capture, graphs.warmup = capture, warmup
     return graphs, capture
 
@@ -283,6 +296,64 @@ def test_top_k_metrics_count_in_captured_steps_as_in_eager_ones(monkeypatch, ker
     state = graphed._running_totals().state
     assert state.shape == (4 + 3 * 7 + 2,)  # [sums, flag, loss, 7 gradients' flags and marks,
     # then the counts of k = 5 and k = 2]
+
+
+@pytest.mark.parametrize("change", ["label_smoothing set", "model.loss replaced"])
+def test_a_loss_changed_after_the_capture_is_captured_again(change):
+    """A replay computes with the loss it was captured with: a callback that sets
+    ``model.loss.label_smoothing`` mid-fit, or a new ``model.loss`` between fits, captures
+    the steps again (a replay kept the capture's smoothing, silently), and the fits equal
+    eager ones."""
+    from xpcnn.callbacks import LambdaCallback
+
+    x, y = _data()
+    eager = _model(gap_net(), optim.SGD(0.05, momentum=0.9))
+    graphed = _model(gap_net(), optim.SGD(0.05, momentum=0.9))
+    graphed.build((12, 12, 3))
+    _, capture = _runner(graphed)
+    histories = []
+    for model in (eager, graphed):
+        if change == "label_smoothing set":
+            smooth = LambdaCallback(on_epoch_begin=lambda epoch, logs, m=model: setattr(
+                m.loss, "label_smoothing", 0.3 * (epoch >= 3)))
+            history = model.fit(x, y, epochs=5, batch_size=16, verbose=0, callbacks=[smooth])
+        else:
+            model.fit(x, y, epochs=3, batch_size=16, verbose=0)
+            model.loss = SoftmaxCrossEntropy(label_smoothing=0.5)
+            history = model.fit(x, y, epochs=2, batch_size=16, verbose=0)
+        histories.append(history.history["loss"])
+    assert capture.captures == 3  # 16 and 8 before the change, 16 again after it
+    np.testing.assert_allclose(histories[1], histories[0], rtol=1e-12)
+    for a, b in zip(graphed.get_weights(), eager.get_weights(), strict=True):
+        np.testing.assert_allclose(a, b, rtol=1e-11, atol=1e-13)
+
+
+class _GainFromStep5(optim.SGD):
+    """A user's optimiser whose step_scalars() gains a name from step 5 on (a gain of 1)."""
+
+    def step_scalars(self):
+        scalars = super().step_scalars()
+        return {**scalars, "gain": 1.0} if self.iterations >= 4 else scalars
+
+    def _update(self, xp, i, p, g, scalars, apply):
+        super()._update(xp, i, p, g * scalars.get("gain", 1.0), scalars, apply)
+
+
+def test_an_optimisers_new_scalar_names_capture_the_steps_again():
+    """Where step_scalars() gives other names, the runner's device scalars are made anew, and
+    the graphs captured reading the old ones are captured again (they read scalars that no
+    schedule reached any more, freed on a GPU): the fit equals an eager fit."""
+    x, y = _data()
+    eager = _model(gap_net(), _GainFromStep5(optim.StepDecay(0.2, 3, 0.5)))
+    graphed = _model(gap_net(), _GainFromStep5(optim.StepDecay(0.2, 3, 0.5)))
+    graphed.build((12, 12, 3))
+    _, capture = _runner(graphed)
+    h_eager = eager.fit(x, y, epochs=5, batch_size=16, verbose=0)
+    h_graphed = graphed.fit(x, y, epochs=5, batch_size=16, verbose=0)
+    assert capture.captures == 3  # 16 before step 5; 16 and 8 after it
+    np.testing.assert_allclose(h_graphed.history["loss"], h_eager.history["loss"], rtol=1e-12)
+    for a, b in zip(graphed.get_weights(), eager.get_weights(), strict=True):
+        np.testing.assert_allclose(a, b, rtol=1e-11, atol=1e-13)
 
 
 def test_train_on_batch_with_class_weights_keeps_its_graphs():

@@ -2,6 +2,7 @@
 layer, the metrics logged under the names compile was given, and a SoftmaxCrossEntropy
 subclass's own ``forward`` trained on (xpcnn's own class keeping its fused kernels)."""
 
+import re
 import warnings
 
 import numpy as np
@@ -943,3 +944,34 @@ def test_a_loss_subclass_config_not_naming_its_class_is_refused_at_save(tmp_path
                                          r"'Unnamed' and the constructor's arguments"):
         model.save(tmp_path / "u.npz")
     assert not (tmp_path / "u.npz").exists()
+
+
+def test_a_loss_set_after_construction_is_checked_as_the_constructor_checks_it():
+    """``loss.label_smoothing = 5`` trained on targets of weight -4 (nothing refused it), and
+    ``model.loss = "mse"`` failed at the next step with an AttributeError from deep inside:
+    both are refused where they are set, the old value kept."""
+    model = xpcnn.Sequential([Flatten(), Dense(3), Softmax()], seed=0)
+    model.compile(optimizer="sgd")
+    loss = model.loss
+    for bad, message in ((5, "label_smoothing must be in [0, 1), got 5"),
+                         (True, "label_smoothing must be in [0, 1), got True")):
+        with pytest.raises(InputError, match=re.escape(message)):
+            loss.label_smoothing = bad
+    with pytest.raises(InputError, match="from_logits must be True, False or None, got 1"):
+        loss.from_logits = 1
+    assert (loss.label_smoothing, loss.from_logits) == (0.0, None)
+    loss.label_smoothing = 0.25
+    assert loss.label_smoothing == 0.25
+    with pytest.raises(InputError, match="unknown loss 'mse'; expected one of"):
+        model.loss = "mse"
+    with pytest.raises(InputError, match="model.loss = None: a compiled model trains by a loss"):
+        model.loss = None
+    assert model.loss is loss
+    model.build((4, 4, 1))
+    with pytest.raises(InputError, match=r"from_logits=True\) takes the model's outputs as "
+                                         "logits, but its last layer 'softmax'"):
+        model.loss = SoftmaxCrossEntropy(from_logits=True)
+    model.loss = "categorical_crossentropy"
+    assert type(model.loss) is SoftmaxCrossEntropy and model.loss is not loss
+    x, y = np.random.default_rng(0).random((8, 4, 4, 1), np.float32), np.arange(8) % 3
+    assert np.isfinite(model.fit(x, y, epochs=1, verbose=0).history["loss"][0])

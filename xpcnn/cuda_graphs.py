@@ -164,14 +164,16 @@ def _no_switches() -> None:
 @dataclass
 class _Graph:
     """One batch shape's captured step: the shape, the graph, the static buffers its batch is
-    copied into (x, y, and the sample weights' or None), its outputs (a replay rewrites them)
-    and the device tables its update kernels read (held so that their memory stays theirs)."""
+    copied into (x, y, and the sample weights' or None), its outputs (a replay rewrites them),
+    and the device tables its update kernels read and the device scalars it was captured
+    reading (held so that their memory stays theirs)."""
 
     shape: tuple[Any, ...]
     graph: Any
     static: tuple[Any, ...]
     outputs: Any
     tables: list[Any]
+    scalars: dict[str, Any]
 
 
 class StepGraphs:
@@ -272,7 +274,9 @@ class StepGraphs:
         action = self.decide(xb, yb, wb)
         if action == "eager":
             return None
-        self._fill_scalars()
+        if self._fill_scalars():  # (new device scalars: the graphs read the old ones)
+            self.graphs, self.warm, self._captured, self._last = {}, {}, [], None
+            action = self.decide(xb, yb, wb)
         if self.capture is None:
             self.capture = CupyCapture()
         if action == "replay":
@@ -316,11 +320,11 @@ class StepGraphs:
             self._last = None
         xp = self.backend.xp
         static = tuple(None if a is None else xp.asarray(a, copy=True) for a in batch)
-        before = self.arrays()
+        before, scalars = self.arrays(), self._scalars
         try:
             # (the tables are filled on leaving, after the capture ended, before any launch)
             with self.capture_tables() as tables:
-                graph, out = self.capture.capture(lambda: self.step(*static, self._scalars))
+                graph, out = self.capture.capture(lambda: self.step(*static, scalars))
         except Exception as e:  # what the capture refused, e.g. a read from the host
             first = (str(e).splitlines() or [type(e).__name__])[0][:200]
             # (where another shape's graph works, this shape alone runs eagerly)
@@ -333,7 +337,8 @@ class StepGraphs:
         if rebound:  # the warm-up steps rebound nothing: the step changed between them
             raise RuntimeError(f"xpcnn: {rebound} was replaced while the training step was "
                                "captured in a CUDA graph; compile(cuda_graphs=False) avoids it")
-        self.graphs[self._shape] = self._last = _Graph(self._shape, graph, static, out, tables)
+        self.graphs[self._shape] = self._last = _Graph(self._shape, graph, static, out, tables,
+                                                       scalars)
         self.warm.pop(self._shape, None)
         self._captured = [a for _, a in before]
         self.capture.launch(graph)  # the capture only recorded the step: now run it
@@ -354,22 +359,25 @@ class StepGraphs:
             return "the list of the model's arrays"
         return next((n for (n, a), (_, b) in zip(before, now, strict=True) if a is not b), "")
 
-    def _fill_scalars(self) -> None:
+    def _fill_scalars(self) -> bool:
         """Put the next step's numbers into the device scalars (made on first use), one 0-d
         array each: the graph reads them where it was captured reading them. A number that
         did not change since it was last put there (a constant learning rate) costs nothing:
-        on CuPy each fill is a launch."""
+        on CuPy each fill is a launch. True where the scalars were made anew (first use, or
+        an optimiser's ``step_scalars()`` gave other names): graphs captured before read the
+        old ones."""
         values = self.scalars_for_next()
         if self._scalars is None or self._scalars.keys() != values.keys():
             dtype, wide = self._dtype(), getattr(self.backend.xp, "float64", None)
             self._scalars = {k: self.backend.asarray(v, dtype=wide if k in self.exact and wide
                                                      else dtype) for k, v in values.items()}
             self._filled = dict(values)
-            return
+            return True
         for k, v in values.items():
             if self._filled[k] != v:
                 self._scalars[k][...] = v
                 self._filled[k] = v
+        return False
 
     def _dtype(self) -> Any:
         """The parameters' dtype (the scalars meet them in the update)."""

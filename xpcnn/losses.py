@@ -77,19 +77,18 @@ def _labels_as_scores(y_true: Any, y_pred: Any) -> bool:
     return bool(whole) and not bool(np.all((scores == 0) | (scores == 1)))
 
 
+def _same_value(a: Any, b: Any) -> bool:
+    """a == b, by identity where == gives no single truth value (an array's)."""
+    try:
+        return bool(a == b)
+    except (TypeError, ValueError):
+        return a is b
+
+
 def _same_settings(a: Any, b: Any) -> bool:
-    """Whether two losses hold the same attributes (compared by ==, by identity where that
-    gives no single truth value)."""
-    if vars(a).keys() != vars(b).keys():
-        return False
-    for key, value in vars(a).items():
-        try:
-            if not bool(value == vars(b)[key]):
-                return False
-        except (TypeError, ValueError):  # (an array's == has no single truth value)
-            if value is not vars(b)[key]:
-                return False
-    return True
+    """Whether two losses hold the same attributes."""
+    return vars(a).keys() == vars(b).keys() and all(
+        _same_value(value, vars(b)[key]) for key, value in vars(a).items())
 
 
 #: Keras' loss keywords that mean what xpcnn's loss does with these values, and what it does.
@@ -132,6 +131,10 @@ class SoftmaxCrossEntropy:
     """
 
     name = "cross_entropy"
+    #: Changes of any loss's attributes once set (its label_smoothing, a subclass's own), as
+    #: :attr:`Layer.settings_changes` counts a layer's: a training step captured in a CUDA
+    #: graph baked the old value in, and is captured again.
+    settings_changes = 0
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
@@ -147,13 +150,23 @@ class SoftmaxCrossEntropy:
             if not is_one_of(value, _KERAS_DEFAULTS[key]):
                 raise InputError(f"{type(self).__name__}({key}={value!r}): Keras' keyword, "
                                  f"which xpcnn's loss takes only as {_KERAS_ONLY[key]}")
-        if (isinstance(label_smoothing, bool) or not isinstance(label_smoothing, numbers.Real)
-                or not 0.0 <= label_smoothing < 1.0):
-            raise InputError(f"label_smoothing must be in [0, 1), got {label_smoothing!r}")
-        if from_logits is not None and not isinstance(from_logits, bool):
-            raise InputError(f"from_logits must be True, False or None, got {from_logits!r}")
-        self.label_smoothing = float(label_smoothing)
+        self.label_smoothing = label_smoothing
         self.from_logits = from_logits
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        # (checked as the constructor checks them: a label_smoothing of 5 set later gave
+        # losses of nothing; and a change counts, as a layer's Setting does)
+        if name == "label_smoothing":
+            if (isinstance(value, bool) or not isinstance(value, numbers.Real)
+                    or not 0.0 <= value < 1.0):
+                raise InputError(f"label_smoothing must be in [0, 1), got {value!r}")
+            value = float(value)
+        elif name == "from_logits" and value is not None and not isinstance(value, bool):
+            raise InputError(f"from_logits must be True, False or None, got {value!r}")
+        had, old = name in vars(self), vars(self).get(name)
+        super().__setattr__(name, value)
+        if had and not _same_value(old, value):
+            SoftmaxCrossEntropy.settings_changes += 1
 
     def get_config(self) -> dict[str, Any]:
         """The constructor's arguments, by name, with a subclass's class name (a subclass whose

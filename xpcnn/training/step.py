@@ -54,6 +54,7 @@ from ..data.sources import ArrayBatches, DatasetBatches
 from ..data.streams import IterableBatches
 from ..errors import InputError, NonFiniteError, warn
 from ..layers.base import Layer, RandomLayer, end_training_passes
+from ..losses import SoftmaxCrossEntropy
 from ..ops.kernels import compute_scope, kernels_for
 from ..ops.step_record import BAD_GRADS, BAD_LOSS, BAD_STEP
 from ..totals import READ_EVERY, SCALE_RANGE, RunningTotals
@@ -563,10 +564,11 @@ class TrainingStep(_Network):
             scalars, advance, self.backend, capturable,
             exact=("iteration", *opt.exact_scalars),
             capture_tables=getattr(kernels, "capture_tables", None),
-            # (a layer's setting changed, the layers built again (a shared layer's arrays
-            # without weights, as AvgPool2D's table, are new), as cuDNN's switches, choose other
-            # captured work)
-            switches=lambda: (Layer.settings_changes, self._builds,
+            # (a layer's or a loss's setting changed, another loss, the layers built again (a
+            # shared layer's arrays without weights, as AvgPool2D's table, are new), as cuDNN's
+            # switches, choose other captured work)
+            switches=lambda: (Layer.settings_changes, SoftmaxCrossEntropy.settings_changes,
+                              self.loss, self._builds,
                               kernel_switches() if kernel_switches is not None else None),
             blockers=lambda: layer_blockers(self.layers))
         return self._graphs

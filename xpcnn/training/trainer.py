@@ -172,7 +172,7 @@ class Trainer(TrainingStep):
                 "subclass may override train_step, which returns (loss, correct count))")
 
     def __init__(self) -> None:
-        self.loss: SoftmaxCrossEntropy | None = None
+        self._loss: SoftmaxCrossEntropy | None = None  # (see the loss property)
         self._optimizer: Optimizer | None = None  # (see the optimizer property)
         self.precision = "float32"
         self.metrics: tuple[str, ...] = ("accuracy",)  # (compile's default: evaluate's too)
@@ -384,6 +384,23 @@ class Trainer(TrainingStep):
                           f"compile(precision={precision!r}) of model {self.name!r}"):
             self.precision = new
             self._rebuild_if_shared()  # (built layers compute in the new precision's dtype)
+
+    @property
+    def loss(self) -> SoftmaxCrossEntropy | None:
+        """The loss this model trains by (None: not compiled). Assigning one (a
+        :class:`~xpcnn.losses.SoftmaxCrossEntropy` or a name) is compile's ``loss=`` alone,
+        checked as compile checks it, and taken by the next step."""
+        return self._loss
+
+    @loss.setter
+    def loss(self, loss: str | SoftmaxCrossEntropy | None) -> None:
+        if loss is None and self._optimizer is not None:
+            raise InputError("model.loss = None: a compiled model trains by a loss; give one "
+                             "('sparse_categorical_crossentropy' or a SoftmaxCrossEntropy)")
+        loss = None if loss is None else get_loss(loss)  # (a bad name: an error here, not
+        if loss is not None and self.built:  # an AttributeError at the next step)
+            self._check_loss_outputs(loss)
+        self._loss = loss  # (a step captured with another loss is captured again)
 
     @property
     def optimizer(self) -> Optimizer | None:
