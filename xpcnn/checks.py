@@ -448,8 +448,9 @@ def check_finite(x: np.ndarray, what: str = "x", index: Any = None,
                  limit: tuple[str, float] | None = None) -> None:
     """Refuse NaN or infinite values in float data, naming the first sample that holds one
     (``what[index[i]]`` where ``x`` is a batch of a dataset's samples ``index``); ``limit``:
-    (a dtype the model computes in, its largest value), beyond which finite values are
-    refused too (they would become infinite in it).
+    (a float dtype the model computes in, its largest value), beyond which finite values that
+    it rounds to infinity are refused too: from that value plus half its last step on
+    (65520 for float16, whose 65519 rounds down to 65504).
 
     Runs in chunks of samples, so it needs no temporary as large as ``x``.
     """
@@ -461,8 +462,10 @@ def check_finite(x: np.ndarray, what: str = "x", index: Any = None,
             return  # integer images cannot hold NaN or infinity, nor values beyond the limit
         within = np.isfinite
     else:  # (one test for both: NaN compares False; no abs(), which overflows int8's -128)
+        bound = rounding_bound(largest, x.dtype if floating else None)
+
         def within(a: np.ndarray) -> np.ndarray:
-            return (a >= -largest) & (a <= largest)
+            return (a > -bound) & (a < bound)
     rows = max(1, (1 << 22) // max(1, x[0].size))
     for start in range(0, len(x), rows):
         good = within(x[start:start + rows]).reshape(min(rows, len(x) - start), -1)
@@ -482,6 +485,21 @@ def check_finite(x: np.ndarray, what: str = "x", index: Any = None,
             raise NonFiniteError(f"{what} holds {problem}: {sample}, the first such sample, "
                                  f"has {len(where)} (the first is {value} at {first}); {fix}"
                                  + (" (nothing was run)" if index is None else ""))
+
+
+def rounding_bound(largest: float, dtype: Any = None) -> Any:
+    """The least magnitude a float dtype of largest value ``largest`` rounds to infinity:
+    ``largest`` plus half its last step (round to nearest even: the tie goes up, its last bit
+    being odd), the midpoint between ``largest`` and the next power of two. With ``dtype``
+    (a float dtype of the values compared), as a scalar of it that ``< bound`` tells the same
+    of its values: rounded up where it cannot hold the bound (bfloat16 data, 65536)."""
+    bound = (2.0 ** math.frexp(largest)[1] + largest) / 2
+    if dtype is None:
+        return bound
+    kind = np.dtype(dtype).type
+    with np.errstate(over="ignore"):  # (beyond dtype's range: infinity, above all its values)
+        held = kind(bound)
+    return held if float(held) >= bound else np.nextafter(held, kind(np.inf))
 
 
 def file_path(path: Any, what: str) -> str:

@@ -22,13 +22,14 @@ class Dropout(RandomLayer):
 
     The numbers drawn in a dtype are the multiples of 2**-bits below 1 (bits: the dtype's
     significand's, 11 in float16: :mod:`xpcnn.ops.random`) and an element is kept where its
-    number is at least the rate as the dtype holds it; the share dropped is therefore the rate
-    rounded to that dtype, then up to a multiple of 2**-bits (:meth:`_drawn_rate`), and the
-    kept elements are scaled by the inverse of the share kept, so that the expected value is
-    exact; in float32 and float64, by 1 / (1 - rate), as PyTorch and Keras scale, wherever the
-    two differ by 2**-16 of the output at most (at every rate below about 1 - 2**-9). A rate
-    that a dtype rounds to 1 (above 1 - 2**-12 in float16) would keep nothing: building or
-    computing the layer in that dtype is refused.
+    number is at least the rate rounded up to a multiple of 2**-bits (:meth:`_drawn_rate`,
+    exact in the dtype), the share dropped: never below the rate, within 2**-bits above it.
+    The kept elements are scaled by the inverse of the share kept, so that the expected value
+    is exact; in float32 and float64, by 1 / (1 - rate), as PyTorch and Keras scale (and kept
+    at the rate as the dtype holds it), wherever the two differ by 2**-16 of the output at
+    most (at every rate below about 1 - 2**-9). A
+    rate that a dtype rounds up to 1 (above 1 - 2**-11 in float16) would keep nothing:
+    building or computing the layer in that dtype is refused.
     """
 
     # The gradient of a ReLU before it, in the same pass as the mask's (one launch on CuPy).
@@ -79,19 +80,22 @@ class Dropout(RandomLayer):
         self._drawn_rates = {}  # (keyed by the other library's dtype objects)
 
     def _drawn_rate(self, dtype: Any, xp: Any = None) -> float:
-        """The share of elements dropped in ``dtype`` at :attr:`rate` (see the class), a
-        multiple of 2**-bits below 1; an :class:`InputError` where ``dtype`` rounds the rate to
-        1. Worked out on the host, once a dtype object (a dict lookup after that)."""
+        """The share of elements dropped in ``dtype`` at :attr:`rate` (see the class): the
+        rate rounded up to a multiple of 2**-bits, below 1; an :class:`InputError` where it
+        rounds up to 1. Worked out on the host, once a dtype object (a dict lookup after
+        that)."""
         drawn = self._drawn_rates.get(dtype)
         if drawn is None:
             bits = random.significant_bits(self.xp if xp is None else xp, dtype)
             name = dtype_name(dtype)
-            drawn = math.ceil(_rounded(self.rate, name) * 2**bits) / 2**bits  # (all exact)
+            # (up from the rate itself, all exact: rounded to the dtype first, bfloat16's 0.9
+            # became 0.8984375, a share below the rate asked)
+            drawn = math.ceil(self.rate * 2**bits) / 2**bits
             if drawn == 1.0:
                 raise InputError(
                     f"layer {self.name!r} (Dropout): rate {self.rate!r} cannot be drawn in "
                     f"{name}: its random numbers there are multiples of 2**-{bits} and the "
-                    "rate rounds to 1, so every element would be dropped and none left to "
+                    "rate rounds up to 1, so every element would be dropped and none left to "
                     f"carry the expected value. The highest rate {name} draws is 1 - "
                     f"2**-{bits} = {1 - 2.0**-bits!r}: give at most that, or compute this "
                     "layer in a dtype of more bits (float32, float64)")
@@ -134,13 +138,3 @@ class Dropout(RandomLayer):
         keep, self._cache_keep = self._cache_keep, None
         return kernels.mask_multiply(dy, keep, 1.0 / (1.0 - self._cache_drawn), relu_y)
 
-
-def _rounded(rate: float, name: str) -> float:
-    """``rate`` as the float format ``name`` holds it, as NumPy and CuPy round a Python number
-    that they compare with an array of it (bfloat16, which NumPy has only through ml_dtypes:
-    through float32, as ml_dtypes and PyTorch convert it)."""
-    if name == "bfloat16":  # (float32's bits, rounded to the nearest, ties to even, at 16)
-        f32 = int(np.float32(rate).view(np.uint32))
-        f32 = (f32 + 0x7FFF + (f32 >> 16 & 1)) & 0xFFFF0000
-        return float(np.uint32(f32).view(np.float32))
-    return float(np.dtype(name).type(rate))

@@ -37,6 +37,7 @@ from ..metrics import metric_from_config
 from ..ops.windows import resolve_padding
 from ..optim import optimizer_from_config
 from ..structure import check_structure
+from ..totals import INITIAL_SCALE, SCALE_RANGE
 from .npz import (
     CONFIG_KEY,
     MAX_CONFIG_BYTES,
@@ -251,6 +252,12 @@ def save_model(model: Any, path: str | os.PathLike[str], weights_only: bool = Fa
                 config["compile"]["lr_factor"] = float(opt.lr_factor)
             if opt.iterations:
                 config["compile"]["iterations"] = int(opt.iterations)
+            # (mixed_float16's dynamic loss scale, as Keras' file keeps its LossScaleOptimizer's:
+            # loaded afresh, the next steps overflowed again until it came back down)
+            scale, good = model.loss_scale, model._good_steps
+            if (scale, good) != (INITIAL_SCALE, 0) and model.precision == "mixed_float16":
+                config["compile"]["loss_scale"] = float(scale)
+                config["compile"]["good_steps"] = int(good)
         arrays = {CONFIG_KEY: config_entry(config, f"{path} was not written"),
                   **weight_arrays(model, refusal)}
         write_npz_atomic(target, arrays)
@@ -327,6 +334,8 @@ def load_model(path: str | os.PathLike[str], device: DeviceLike = "cpu",
         state = raw.get("optimizer") if checkpoint else None
         kept = {k: state[k] for k in ("lr_factor", "iterations") if k in state} \
             if isinstance(state, dict) else {}
+        if checkpoint:  # (its loss scale too, kept beside the optimiser's state there)
+            kept.update({k: raw[k] for k in ("loss_scale", "good_steps") if k in raw})
         if kept and isinstance(config, dict) and isinstance(
                 config.get("compile"), dict):  # (checked there as a model file's)
             config = {**config, "compile": {**config["compile"], **kept}}
@@ -398,6 +407,7 @@ def model_from_file(config: Any, npz: NpzArchive, device: DeviceLike = "cpu",
                 raise DataFormatError(f"{path}: invalid model configuration: compile iterations "
                                       f"is {iterations!r}, expected a whole number >= 0")
             model.optimizer.iterations, model.optimizer.lr_factor = iterations, float(factor)
+            model.loss_scale, model._good_steps = _loss_scale(compiled, model.precision, path)
     except DataFormatError:
         raise
     except (KeyError, TypeError, ValueError, AttributeError, OverflowError, RecursionError) as e:
@@ -407,6 +417,29 @@ def model_from_file(config: Any, npz: NpzArchive, device: DeviceLike = "cpu",
                               ) from e
     set_weights_from_file(model, npz)
     return model
+
+
+def _loss_scale(compiled: dict[str, Any], precision: str, path: str) -> tuple[float, int]:
+    """The float16 loss scale of a file's compile settings and its count of good steps,
+    checked; a fresh scale's where the file has none (written where it is not, and before
+    files kept it)."""
+    fresh = INITIAL_SCALE if precision == "mixed_float16" else 1.0
+    scale, good = compiled.get("loss_scale", fresh), compiled.get("good_steps", 0)
+    if isinstance(scale, bool) or not isinstance(scale, int | float) or not (
+            SCALE_RANGE[0] <= scale <= SCALE_RANGE[1]):
+        raise DataFormatError(f"{path}: invalid model configuration: compile loss_scale is "
+                              f"{scale!r}, expected a number from {SCALE_RANGE[0]:.4g} to "
+                              f"{SCALE_RANGE[1]:.4g} (it is held in float32: beyond, it would "
+                              "become infinity or 0)")
+    if type(good) is not int or good < 0:
+        raise DataFormatError(f"{path}: invalid model configuration: compile good_steps is "
+                              f"{good!r}, expected a whole number >= 0")
+    if precision != "mixed_float16" and (scale, good) != (1, 0):
+        raise DataFormatError(f"{path}: invalid model configuration: compile loss_scale "
+                              f"{scale!r} (good_steps {good!r}) in a model without float16 "
+                              f"loss scaling (its precision is {precision!r}, not "
+                              "mixed_float16): expected 1 (and 0)")
+    return float(scale), good
 
 
 def _rebuilt(cls: type, config: dict[str, Any], layers: list[Layer], device: DeviceLike

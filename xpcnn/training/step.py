@@ -40,6 +40,7 @@ from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 import numpy as np
 
 from .. import checks, distributed
+from ..backend import dtype_name
 from ..cuda_graphs import StepGraphs, layer_blockers
 from ..cuda_graphs import blockers as graph_blockers
 from ..data.arrays import (
@@ -757,17 +758,24 @@ class TrainingStep(_Network):
             x = xp.astype(xb, self._param_dtype, copy=False)
             with self._put_back(), compute_scope(self.backend):
                 outputs = self._layer_outputs(x, False)
-                layer = next((la for la, out in zip(self.layers, outputs, strict=True)
-                              if not finite(out)), None)
+                layer, out = next(((la, out) for la, out in zip(self.layers, outputs,
+                                                                strict=True)
+                                   if not finite(out)), (None, None))
                 mode = ""
                 if layer is None:  # (a layer's training-mode work alone: batch statistics,
                     # a user's training-only scaling; the step ran in that mode, on this batch)
                     outputs = self._layer_outputs(x, True)
-                    layer = next((la for la, out in zip(self.layers, outputs, strict=True)
-                                  if not finite(out)), None)
+                    layer, out = next(((la, out) for la, out in zip(self.layers, outputs,
+                                                                    strict=True)
+                                       if not finite(out)), (None, None))
                     mode = " in training mode"
             if layer is not None:
                 where = f"the output of layer {layer.name!r}{mode}"
+                # (from finite inputs and weights: an overflow, most likely, which no loss
+                # scale prevents in the forward pass; array_api_strict has no xp.float16)
+                if dtype_name(out.dtype, float_only=False) == "float16":
+                    where += (", computed in float16, which holds at most 65504: compile "
+                              "with precision='mixed_bfloat16' (float32's range) or 'float32'")
             elif anew:
                 ranks = ("; or another rank's batch made the loss summed over the ranks "
                          "non-finite (that rank's error names where)"

@@ -1158,12 +1158,14 @@ class Trainer(TrainingStep):
             with cbs.closing_bars():
                 logs = self._evaluate(data, cbs, loss)
             if not math.isfinite(logs["loss"]) and self.precision == "mixed_float16":
-                # (once a call, from the sums read at its end: no host read a batch)
+                # (once a call, from the sums read at its end: no host read a batch, nor
+                # which layer's output overflowed: any of them, the logits or one before)
                 warn(f"evaluate's loss is {logs['loss']} under precision 'mixed_float16': "
-                     "where the data and weights are finite, float16 logits beyond its largest "
-                     "value, 65504, overflowed (predict gives NaN rows there); compile with "
-                     "precision='mixed_bfloat16' (float32's range) or 'float32' (xpcnn has no "
-                     "float32 last layer inside a float16 model, Keras' way out)")
+                     "where the data and weights are finite, float16 outputs beyond float16's "
+                     "largest value, 65504, overflowed somewhere in the model, in the logits or "
+                     "any layer before them (predict gives NaN rows there; fit's error names "
+                     "the layer); compile with precision='mixed_bfloat16' (float32's range) or "
+                     "'float32'")
             return self._returned(logs, return_dict)
 
     def _evaluate(self, data: Batches, cbs: CallbackList, loss: SoftmaxCrossEntropy | None,
