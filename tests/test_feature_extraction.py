@@ -2,13 +2,15 @@
 symbolic tensors, and ``xpcnn.Model(model.input, layer.output)``, a model that shares the
 trained layers and predicts what that layer computes."""
 
+import gc
+
 import numpy as np
 import pytest
 from nets import plan_of, residual_net
 
 import xpcnn
 from xpcnn.errors import InputError
-from xpcnn.layers import Conv2D, Dense, Flatten, MaxPool2D, ReLU, Softmax
+from xpcnn.layers import Conv2D, Dense, Flatten, GlobalAvgPool2D, MaxPool2D, ReLU, Softmax
 
 
 def sequential_net():
@@ -257,3 +259,62 @@ def test_a_rebuilt_or_refused_sequential_keeps_one_graph(images):
     assert not fresh.built and all(not la.inbound_nodes for la in fresh.layers)
     fresh.build((8, 8, 3))
     assert [len(la.inbound_nodes) for la in fresh.layers] == [1, 1, 1, 1]
+
+
+def conv_net(side):
+    """A functional model of convolutions and global pooling (its weights fit any image size),
+    the tensors it was traced from, and the Conv2D's output."""
+    inputs = xpcnn.Input((side, side, 3))
+    conv = Conv2D(4, 3, padding="same", name="conv")(inputs)
+    outputs = Dense(2, name="dense")(GlobalAvgPool2D()(ReLU(name="relu")(conv)))
+    return xpcnn.Model(inputs, outputs, dtype="float64", name="net"), inputs, conv, outputs
+
+
+def test_a_functional_model_built_for_other_images_keeps_one_graph_with_its_layers(images):
+    """``model.build`` for other images (the advice of the error for them) moves the model's
+    input and its layers' outputs to one graph of the new shape, as a Sequential's (was:
+    ``model.input`` moved alone, so ``Model(model.input, layer.output)`` was refused as
+    disconnected, also after building back)."""
+    model, inputs, conv, outputs = conv_net(6)
+    before = xpcnn.Model(model.input, model.get_layer("conv").output)
+    model.build((None, 8, 8, 3))
+    layer = model.get_layer("conv")
+    assert model.input.shape == (None, 8, 8, 3) and layer.output.shape == (None, 8, 8, 4)
+    assert layer.input is model.input and model.output is model.get_layer("dense").output
+    assert [len(la.inbound_nodes) for la in model.layers] == [1, 1, 1, 1]
+    extractor = xpcnn.Model(model.input, layer.output)
+    np.testing.assert_array_equal(extractor.predict(images),
+                                  np.asarray(model.layer_outputs(images)[0]))
+    # an extractor made before keeps its own graph and images, and built for others, it
+    # leaves the model's as it was
+    small = images[:, :6, :6]
+    np.testing.assert_array_equal(before.predict(small), xpcnn.Model(inputs, conv).predict(small))
+    assert xpcnn.Model(before.input, before.output).output_shape == (None, 6, 6, 4)
+    before.build((None, 10, 10, 3))
+    assert layer.input is model.input
+    # built back for the input it was traced from: the tensors it was traced from again
+    model.build((None, 6, 6, 3))
+    assert model.input is inputs and layer.output is conv and model.output is outputs
+    assert xpcnn.Model(model.input, layer.output).output_shape == (None, 6, 6, 4)
+
+
+def test_ends_taken_before_and_after_a_rebuild_are_refused_naming_it():
+    model, inputs, _, _ = conv_net(6)
+    model.build((None, 8, 8, 3))
+    with pytest.raises(InputError, match=r"from input 'input' of shape \(None, 8, 8, 3\), which "
+                                         r"is not this model's input, of shape \(None, 6, 6, 3\) "
+                                         r".*the graph model 'net' made when built again for "
+                                         r"inputs of shape \(None, 8, 8, 3\) \(model.build\).* "
+                                         r"xpcnn.Model\(m.input, layer.output\)"):
+        xpcnn.Model(inputs, model.get_layer("conv").output)
+
+
+def test_a_rebuilt_model_collected_gives_its_layers_their_traced_calls_back():
+    """An extractor of its traced graph outlives it with its layers' outputs there."""
+    model, inputs, conv, _ = conv_net(6)
+    extractor = xpcnn.Model(inputs, conv)
+    model.build((None, 8, 8, 3))
+    assert extractor.get_layer("conv").output is not conv
+    del model
+    gc.collect()
+    assert extractor.get_layer("conv").output is conv

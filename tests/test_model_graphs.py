@@ -9,7 +9,7 @@ import pytest
 
 import xpcnn
 from xpcnn.errors import InputError
-from xpcnn.layers import Conv2D, Dense, GlobalAvgPool2D, ReLU, Softmax
+from xpcnn.layers import Conv2D, Dense, Flatten, GlobalAvgPool2D, ReLU, Softmax
 
 
 @pytest.fixture
@@ -232,3 +232,33 @@ def test_a_layer_shared_with_a_dropped_model_forgets_its_calls():
     del other
     gc.collect()
     assert len(shared.inbound_nodes) == held
+
+
+def test_a_built_layer_called_on_a_tensor_its_weights_do_not_fit_is_refused_at_the_call():
+    """As Keras refuses it (was: a tensor returned, refused only at the xpcnn.Model(...) built
+    from it); a built layer whose weights fit (a convolution on other images, a layer
+    without weights) is taken."""
+    dense = Dense(4, name="dd")
+    xpcnn.Model(first := xpcnn.Input((3,)), dense(first))
+    weights = dense.get_weights()
+    with pytest.raises(InputError, match=r"layer 'dd' \(Dense\) holds weights for inputs of "
+                                         r"shape \(3,\), and inputs of shape \(5,\) need weights "
+                                         r"of other shapes \(\[\(5, 4\), \(4,\)\], it has "
+                                         r"\[\(3, 4\), \(4,\)\]\): a layer keeps its weights; "
+                                         r"use a new Dense\(...\) for these inputs"):
+        dense(xpcnn.Input((5,)))
+    assert len(dense.inbound_nodes) == 1 and dense.input_shape == (3,)
+    for a, b in zip(dense.get_weights(), weights, strict=True):
+        np.testing.assert_array_equal(a, b)
+    base = base_net()
+    conv, pool = base.layers[0], base.layers[2]
+    with pytest.raises(InputError, match=r"layer 'conv2d' \(Conv2D\) holds weights for inputs "
+                                         r"of shape \(8, 8, 3\), and inputs of shape \(8, 8, 2\)"):
+        conv(xpcnn.Input((8, 8, 2)))
+    bigger = xpcnn.Input((12, 12, 3))
+    assert pool(ReLU()(conv(bigger))).shape == (None, 4)
+    assert base(xpcnn.Input((10, 10, 3))).shape == (None, 4)  # (a model of them too)
+    flat = xpcnn.Sequential([Flatten(), Dense(2, name="head")], input_shape=(2, 2, 1))
+    with pytest.raises(InputError, match=r"layer 'head' \(Dense\) holds weights for inputs of "
+                                         r"shape \(4,\), and inputs of shape \(9,\)"):
+        flat(xpcnn.Input((3, 3, 1)))  # (a model called on a tensor: at that call too)

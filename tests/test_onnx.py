@@ -1,6 +1,7 @@
 """ONNX export: every reference model and every layer type in onnxruntime against xpcnn."""
 
 import os
+import re
 import sys
 import warnings
 
@@ -270,6 +271,69 @@ def test_an_unknown_layer_type_is_named_and_a_registered_converter_exports_it(
     register_converter("Doubling")(
         lambda layer, graph, inputs: graph.op("Mul", [inputs[0], graph.constant("two", 2.0)]))
     check_model(model, rng.normal(0, 2, (2, 2, 2, 1)).astype(np.float32), tmp_path)
+
+
+def test_a_converter_that_returns_no_tensor_name_is_named(tmp_path, monkeypatch):
+    """A user's converter that forgot its ``return`` failed in the next layer's node, in onnx's
+    own "bad argument type" TypeError: refused naming the converter and its layer, no file."""
+    model = xpcnn.Sequential([Flatten(), Doubling(), Dense(3)], input_shape=(2, 2, 1), seed=0)
+    monkeypatch.setitem(CONVERTERS, "Doubling", None)  # removed again after the test
+
+    @register_converter("Doubling")
+    def forgets_return(layer, graph, inputs):
+        graph.op("Mul", [inputs[0], graph.constant("two", 2.0)])
+
+    for converter, got in ((forgets_return, "None"),
+                           (lambda layer, graph, inputs: [inputs[0]], r"\['flatten/Flatten'\]"),
+                           (lambda layer, graph, inputs: "nowhere", "'nowhere'")):
+        register_converter("Doubling")(converter)
+        with pytest.raises(InputError, match=rf"the ONNX converter '.*' of layer 'doubling' "
+                                             rf"\(Doubling\) returned {got}: a converter returns "
+                                             "the name of its output tensor"):
+            model.export(tmp_path / "m.onnx")
+    assert not os.listdir(tmp_path)
+    register_converter("Doubling")(lambda layer, graph, inputs: inputs[0])  # (an identity)
+    model.export(tmp_path / "m.onnx")
+
+
+def test_keras_export_arguments_are_taken_or_refused_naming_what_xpcnn_writes(
+        tmp_path, capsys):
+    """Keras 3's ``export(path, format="onnx")`` (or ``export(path, "onnx")``) was a bare
+    TypeError (or "input_dtype must be one of float32, uint8, got 'onnx'"): taken, as its
+    ``verbose``; its other formats, an input_signature and PyTorch's opset are refused."""
+    model = xpcnn.Sequential([Conv2D(2, 3), GlobalAvgPool2D(), Dense(3)], input_shape=(6, 6, 1),
+                             seed=0)
+    model.export(tmp_path / "a.onnx", format="onnx")
+    model.export(tmp_path / "b.onnx", "onnx", verbose=True)
+    assert capsys.readouterr().out == f"Saved ONNX model at '{tmp_path / 'b.onnx'}'.\n"
+    x = np.random.default_rng(0).random((2, 6, 6, 1), np.float32)
+    for name in ("a.onnx", "b.onnx"):
+        session = ort.InferenceSession(str(tmp_path / name))
+        np.testing.assert_allclose(session.run(None, {"input": x})[0], model.predict(x, verbose=0),
+                                   rtol=1e-5, atol=1e-6)
+    for kwargs, message in [
+            (dict(format="tf_saved_model"), r"export\(format='tf_saved_model'\): xpcnn's "
+                                            "export writes ONNX only"),
+            (dict(input_signature=[None]), r"export\(input_signature=\.\.\.\): Keras' keyword"),
+            (dict(opset_version=13), r"export\(opset_version=13\): xpcnn's export writes ONNX "
+                                     "opset 17"),
+            (dict(dynamo=True), "unexpected keyword argument 'dynamo'")]:
+        with pytest.raises(InputError, match=message):
+            model.export(tmp_path / "c.onnx", **kwargs)
+    assert not (tmp_path / "c.onnx").exists()
+
+
+def test_a_model_that_predict_refuses_is_not_exported(tmp_path):
+    """A Softmax over (H, W, C) maps: predict refuses the model (a classifier ends in one
+    vector of class scores); the file, a per-pixel softmax, was written all the same."""
+    model = xpcnn.Sequential([Conv2D(3, 1), Softmax()], input_shape=(3, 4, 3), seed=0)
+    x = np.zeros((1, 3, 4, 3), np.float32)
+    with pytest.raises(InputError, match=r"the model's output has per-sample shape \(3, 4, 3\)"
+                       ) as refused:
+        model.predict(x, verbose=0)
+    with pytest.raises(InputError, match=re.escape(str(refused.value))):
+        model.export(tmp_path / "m.onnx")
+    assert not os.listdir(tmp_path)
 
 
 class ToVector(Layer):

@@ -37,7 +37,7 @@ from .errors import InputError
 from .layers import BatchNorm2D, Conv2D, Dense, Normalization
 from .layers.activation import ReLU
 from .layers.arguments import Shape, building_for
-from .layers.base import DEFAULT, Layer, Options, RandomLayer
+from .layers.base import DEFAULT, Layer, Options, RandomLayer, refuse_other_weight_shapes
 from .layers.symbolic import Node, SymbolicTensor
 from .structure import where
 
@@ -185,9 +185,24 @@ def trace(inputs: Any, outputs: Any) -> tuple[list[Layer], list[Inbound], Symbol
 def _refuse_other_input(t: SymbolicTensor, inputs: SymbolicTensor) -> None:
     """Refuse outputs computed from input ``t``, not the model's ``inputs``; where ``t`` is a
     built model's own input (its layers' ``output`` are in that graph, also where the model is
-    called on a tensor inside another), the error names that model and says what to do
-    instead."""
+    called on a tensor inside another), or either is the input of a model built again for
+    another input shape, the error names that model and says what to do instead."""
     same = " (another tensor of the same name)" if t.name == inputs.name else ""
+    rebuilt = t if t.rebuilt else inputs if inputs.rebuilt else None
+    if rebuilt is not None:
+        # (a model built for other images moves its input and its layers' outputs to a new
+        # graph: ends taken before and after that build do not meet)
+        which = f"input {t.name!r}" if rebuilt is t else "this model's input"
+        raise InputError(f"the outputs are computed from input {t.name!r} of shape {t.shape}, "
+                         f"which is not this model's input, of shape {inputs.shape}{same}: "
+                         f"{which} is that of the graph model {rebuilt.model!r} made when "
+                         f"built again for inputs of shape {rebuilt.shape} (model.build), and a "
+                         "model built for another input shape has its input and its layers' "
+                         "outputs in a new graph (but for layers whose calls a model traced "
+                         "before it holds, which stay in that model's graph): take both ends "
+                         "from one model as it is built now, xpcnn.Model(m.input, "
+                         "layer.output), m that model; a model made from them before keeps "
+                         "its own, ex.input and ex.output")
     if t.model is None:
         raise InputError(f"the outputs are computed from input {t.name!r} of shape {t.shape}, "
                          f"which is not this model's input{same}: the graph from the model's "
@@ -351,13 +366,7 @@ def _weights_that_fit(layer: Layer, shape: Any) -> list[np.ndarray]:
         return []
     probe = layer.unbuilt_copy()  # (built aside: the layer stays as it is)
     probe.build(shape, "cpu", "float32")
-    wanted = [probe.keras_shape(n) for n in probe.present_weight_names()]
-    if wanted != [w.shape for w in weights]:
-        raise InputError(f"layer {layer.name!r} ({type(layer).__name__}) holds weights for "
-                         f"inputs of shape {layer.input_shape}, and inputs of shape "
-                         f"{tuple(shape)} need weights of other shapes ({wanted}, it has "
-                         f"{[w.shape for w in weights]}): a layer keeps its weights; use a new "
-                         f"{type(layer).__name__}(...) for these inputs")
+    refuse_other_weight_shapes(layer, probe, shape)
     return weights
 
 

@@ -39,7 +39,7 @@ from .ops.kernels import compute_scope, kernels_for
 from .passes import PASSES, exclusive_if
 from .saving import load_weights, register_model, save_model
 from .saving.model_file import FORMAT, VERSION, layers_from_config, record_layer_classes
-from .structure import check_structure, final_softmax
+from .structure import check_classifier, check_structure, final_softmax
 from .training import Trainer
 
 
@@ -161,10 +161,13 @@ class Model(Trainer):
         # holding them strongly kept a dropped model's layers past the collection that freed
         # it)
         self._recorded: weakref.WeakSet[graph.Node] = weakref.WeakSet()
-        _forget_when_gone(self, self._recorded)
-        # (a traced model's graph is the user's calls, recorded as they were made: one built
-        # again for another input keeps its new graph to itself)
-        self._records = inputs is None and outputs is None
+        # (a traced model's graph is the user's calls, recorded as they were made; those it
+        # claims (see _claim) it takes out of their layers' inbound nodes while it is built for
+        # another input, and puts back when built back, or when it is collected)
+        self._traced: graph.Symbolic | None = None
+        self._claimed: list[graph.Node] = []
+        self._taken: weakref.WeakSet[graph.Node] = weakref.WeakSet()
+        _forget_when_gone(self, self._recorded, self._taken)
         # (Input(name=...)'s: the summary, the configuration and a rebuilt symbolic graph keep it)
         self._input_name = traced[2].input.name if traced else "input"
         # (Layer.rebuilds and the compute dtype when the layers were last found built as
@@ -172,9 +175,11 @@ class Model(Trainer):
         self._built_as_at: tuple[int, str] | None = None
         if traced is not None:
             layers, inbound, self._symbolic = traced
+            self._traced = self._symbolic
             with _names_back_if_refused(layers):
                 self._set_graph(layers, inbound)
                 self.build((None, *graph.input_shape_of(inputs)))
+            self._claimed = _claim(self._traced.nodes, self)
             if not trainable:
                 self.trainable = False
 
@@ -392,30 +397,49 @@ class Model(Trainer):
 
     def _make_symbolic(self) -> None:
         """The symbolic graph of the model as built (``input``, ``output``, each layer's
-        ``output``): a traced model keeps the one it was traced from; a graph for another
-        input shape or other layers is replaced, its calls dropped from the layers'."""
+        ``output``): kept where it is for this input shape and these layers; a traced model
+        built back for the input it was traced from takes that graph again (the user's own
+        tensors); else a new graph replaces it, its calls dropped from the layers'."""
         old = self._symbolic
-        if old is None or old.input.sample_shape != self._input_shape or \
-                [n.layer for n in old.nodes] != self.layers:
-            new = graph.symbolic(self.layers, self._inbound(), self._input_shape,
-                                 self._input_name)
-            new.input.model = self.name
-            self._use_symbolic(new)
+        if old is not None and old.input.sample_shape == self._input_shape and \
+                [n.layer for n in old.nodes] == self.layers:
+            return
+        traced = self._traced
+        if traced is not None and traced.input.sample_shape == self._input_shape:
+            self._use_symbolic(traced)
+            return
+        new = graph.symbolic(self.layers, self._inbound(), self._input_shape, self._input_name)
+        new.input.model = self.name
+        new.input.rebuilt = old is not None and old.input.sample_shape != self._input_shape
+        self._use_symbolic(new)
 
     def _use_symbolic(self, new: graph.Symbolic | None) -> None:
-        """Make ``new`` this model's symbolic graph: the calls of the old one that this model
-        recorded leave its layers' inbound nodes, and the new one's join those of the layers
-        it holds in its own right (each such layer's ``output`` is in this graph, where no
-        other holds the layer). Not those of a model nested in it (``Sequential([base,
-        head])``: base's layers keep their output in base's graph, as in Keras, where nested
-        layers are reached through the nested model), nor a traced model's (see
-        ``_records``)."""
+        """Make ``new`` this model's symbolic graph, and its calls those of this model's
+        layers, as Keras' model and layer outputs are one graph: the calls of the old one that
+        this model recorded leave its layers' inbound nodes, and the new one's join those of
+        the layers it holds in its own right (each such layer's ``output`` is then in this
+        graph, where no other holds the layer). Not those of a model nested in it
+        (``Sequential([base, head])``: base's layers keep their output in base's graph, as in
+        Keras, where nested layers are reached through the nested model). A traced model
+        holds the layers whose traced calls it claimed (:func:`_claim`: none for an extractor
+        traced from another model's graph, which it leaves as it was): built for another
+        input, it takes those calls out, and puts them back with its traced graph."""
         _forget(self._recorded)
-        nested = {id(la) for la in getattr(self, "_nested", ())}
-        if self._records:
-            for node in new.nodes if new is not None else ():
-                if id(node.layer) not in nested and node not in node.layer.inbound_nodes:
+        _put_back(self._taken)
+        if new is not None and new is not self._traced:
+            if self._traced is None:
+                nested = {id(la) for la in getattr(self, "_nested", ())}
+                held = {id(la) for la in self.layers} - nested
+            else:
+                held = {id(node.layer) for node in self._claimed}
+                for node in self._claimed:
+                    if node in node.layer.inbound_nodes:
+                        node.layer.inbound_nodes.remove(node)
+                        self._taken.add(node)
+            for node in new.nodes:
+                if id(node.layer) in held and node not in node.layer.inbound_nodes:
                     node.layer.inbound_nodes.append(node)
+                    node.owner = weakref.ref(self)
                     self._recorded.add(node)
         self._symbolic = new
 
@@ -825,7 +849,12 @@ class Model(Trainer):
         model that shares this one's layers, a feature extractor::
 
             extractor = xpcnn.Model(model.input, model.get_layer("conv2d_1").output)
-            features = extractor.predict(images)  # that layer's output"""
+            features = extractor.predict(images)  # that layer's output
+
+        A model built for another input shape (``model.build((None, H, W, C))``) has its
+        input and its layers' outputs in a new graph of that shape, one graph as in Keras (a
+        functional model built back for the input it was traced from has the tensors it was
+        traced from again); an extractor made before keeps its own."""
         return self._built_symbolic("input").input
 
     @property
@@ -1040,12 +1069,23 @@ class Model(Trainer):
         self._rebuild_if_shared()
         save_model(self, path)
 
-    def export(self, path: str | os.PathLike[str], input_dtype: str = "float32") -> None:
+    def export(self, path: str | os.PathLike[str], input_dtype: str = "float32", *,
+               format: str = "onnx", verbose: bool | None = None,
+               input_signature: Any = None, **kwargs: Any) -> None:
         """Write the model as ONNX to ``path``: (N, H, W, C) images of ``input_dtype``
         ("float32" or "uint8") in, what ``predict`` returns out (probabilities after a final
-        Softmax or softmax activation, else the logits or features; :mod:`xpcnn.onnx_export`; needs
-        ``pip install "xpcnn[onnx]"``)."""
-        from .onnx_export import export_model
+        Softmax or softmax activation, else the logits or features; :mod:`xpcnn.onnx_export`;
+        needs ``pip install "xpcnn[onnx]"``). Keras' ``format="onnx"`` (its second positional
+        argument too) and ``verbose`` (True: says where it wrote) are taken; its other formats,
+        an ``input_signature`` and an opset are refused, naming what xpcnn writes."""
+        from .onnx_export import OPSET, export_model
+
+        if input_dtype == "onnx":  # (Keras' order: export(path, "onnx"))
+            input_dtype = "float32"
+        _check_export_keywords(format, input_signature, kwargs, OPSET)
+        if self._fused_softmax():  # (predict refuses such a model: the file would not)
+            self._require_built("export")
+            check_classifier(self.layers, [la.output_shape for la in self.layers])
 
         def write() -> None:
             self._rebuild_if_shared()
@@ -1054,6 +1094,8 @@ class Model(Trainer):
 
         # one writer on several ranks (all hold the same model); the others calling wait for it
         distributed.write_on_root(write, str(path))
+        if verbose and distributed.is_root():
+            print(f"Saved ONNX model at '{os.fspath(path)}'.")
 
     def __reduce_ex__(self, protocol: Any) -> Any:
         # (copy.copy, copy.deepcopy and pickle all come here: a model holds its device's array
@@ -1470,10 +1512,62 @@ def _forget(nodes: weakref.WeakSet[graph.Node]) -> None:
     nodes.clear()
 
 
-def _forget_when_gone(model: Model, recorded: weakref.WeakSet[graph.Node]) -> None:
-    """A model collected takes its recorded calls with it (the finalizer holds the set, not
-    the model): its layers' ``output`` is no longer a dead model's tensor, nor ambiguous."""
-    weakref.finalize(model, _forget, recorded).atexit = False
+def _check_export_keywords(format: Any, input_signature: Any, kwargs: dict[str, Any],
+                           opset: int) -> None:
+    """Refuse Keras' and PyTorch's export arguments that ask for what xpcnn's does not write
+    (was: Python's "unexpected keyword argument", or format="onnx" read as the input dtype)."""
+    if format != "onnx":
+        raise InputError(f"export(format={format!r}): xpcnn's export writes ONNX only; "
+                         "leave format out (or give format='onnx')")
+    if input_signature is not None:
+        raise InputError("export(input_signature=...): Keras' keyword, which xpcnn's export "
+                         "does not take: the file takes (N, H, W, C) images of the model's "
+                         "input shape, any N, of the dtype input_dtype= says")
+    for key in ("opset", "opset_version", "target_opset"):
+        if key in kwargs:
+            raise InputError(f"export({key}={kwargs[key]!r}): xpcnn's export writes ONNX "
+                             f"opset {opset}; leave {key} out")
+    if kwargs:
+        raise InputError(f"export() got an unexpected keyword argument {next(iter(kwargs))!r} "
+                         "(it takes path, input_dtype, and Keras' format and verbose)")
+
+
+def _put_back(nodes: weakref.WeakSet[graph.Node]) -> None:
+    """Put ``nodes`` (a traced model's calls, taken out while it was built for another input)
+    back in their layers' inbound nodes."""
+    for node in list(nodes):
+        if node not in node.layer.inbound_nodes:
+            node.layer.inbound_nodes.append(node)
+    nodes.clear()
+
+
+def _forget_when_gone(model: Model, recorded: weakref.WeakSet[graph.Node],
+                      taken: weakref.WeakSet[graph.Node]) -> None:
+    """A model collected takes its recorded calls with it, and gives back the traced calls it
+    took out (the finalizer holds the sets, not the model): its layers' ``output`` is no
+    longer a dead model's tensor, nor ambiguous, and an extractor of its traced graph finds
+    its layers' calls there again."""
+    weakref.finalize(model, _forget_and_put_back, recorded, taken).atexit = False
+
+
+def _forget_and_put_back(recorded: weakref.WeakSet[graph.Node],
+                         taken: weakref.WeakSet[graph.Node]) -> None:
+    _forget(recorded)
+    _put_back(taken)
+
+
+def _claim(nodes: tuple[graph.Node, ...], model: Model) -> list[graph.Node]:
+    """The calls of ``model``'s traced graph that it holds (moves with its builds, see
+    ``Model._use_symbolic``): those in their layers' inbound nodes (not a nested model's)
+    that no live model holds yet. An extractor traced from another model's graph holds none
+    of them, so building it for other inputs leaves that graph as it was."""
+    claimed = []
+    for node in nodes:
+        held = node.owner is not None and node.owner() is not None
+        if not held and node in node.layer.inbound_nodes:
+            node.owner = weakref.ref(model)
+            claimed.append(node)
+    return claimed
 
 
 def _held_at(layers: list[Layer], run: list[Layer]) -> int | None:

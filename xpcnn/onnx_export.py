@@ -171,8 +171,10 @@ def export_model(model: Any, path: str | os.PathLike[str], input_dtype: str = "f
         tensors[0] = graph.op("Cast", [INPUT_NAME], to=onnx.TensorProto.FLOAT)
     for node in nodes:
         graph.scope = node.layer.name
-        tensors[node.output] = CONVERTERS[type(node.layer).__name__](
-            node.layer, graph, [tensors[t] for t in node.inputs])
+        converter = CONVERTERS[type(node.layer).__name__]
+        tensors[node.output] = _converted(
+            converter(node.layer, graph, [tensors[t] for t in node.inputs]), converter,
+            node.layer, graph)
     graph.scope = ""
     if model._fused_softmax():  # predict's last step: probabilities from the logits
         output = OUTPUT_NAME
@@ -183,6 +185,19 @@ def export_model(model: Any, path: str | os.PathLike[str], input_dtype: str = "f
     proto = _model_proto(onnx, model, graph, input_dtype, output)
     with atomic_file(path) as f:
         f.write(proto.SerializeToString())
+
+
+def _converted(result: Any, converter: Converter, layer: Any, graph: GraphBuilder) -> str:
+    """``result``, what ``converter`` returned for ``layer``, where it names a tensor of the
+    graph (a user's converter that returned None failed in the next layer's node, in onnx's
+    own TypeError)."""
+    if isinstance(result, str) and (result in graph._taken or any(
+            result in node.output for node in graph.nodes)):
+        return result
+    raise InputError(f"the ONNX converter {getattr(converter, '__name__', converter)!r} of "
+                     f"layer {layer.name!r} ({type(layer).__name__}) returned {result!r}: a "
+                     "converter returns the name of its output tensor (what graph.op(...) "
+                     "returns, or an input's name)")
 
 
 def graph_nodes(model: Any) -> tuple[list[LayerStep], int]:

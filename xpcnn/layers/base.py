@@ -809,12 +809,16 @@ class Layer:
                              f"{got}")
         inputs = tuple(x) if multi else (x,)
         shapes = [t.sample_shape for t in inputs]
+        shape = shapes if multi else shapes[0]
         # The output shape from a trial build of a copy: this layer's own weights (perhaps
         # trained) stay as they are; the model builds the layer on its device.
         probe = self.unbuilt_copy()
         with building_for(shapes[0] if not multi and inputs[0].node is None else ()):
-            node = Node(self, inputs, multi, probe.build(shapes if multi else shapes[0], "cpu",
-                                                         "float32"))
+            node = Node(self, inputs, multi, probe.build(shape, "cpu", "float32"))
+        if self.built and not self.provisional:
+            # (refused at the call, as Keras refuses it, not at the Model(...) built from it;
+            # a provisional layer is built again by its model)
+            refuse_other_weight_shapes(self, probe, shape)
         if record:
             self.inbound_nodes.append(node)
         return node.output
@@ -1443,6 +1447,20 @@ def _check_batch(layer: Layer, x: Any) -> None:
     if len(set(sizes)) > 1:
         raise InputError(f"{name} merges batches of sizes {sizes}: its inputs are batches of "
                          "the same samples, of one size N each")
+
+
+def refuse_other_weight_shapes(layer: Layer, probe: Layer, shape: Any) -> None:
+    """Refuse inputs of per-sample ``shape`` for built ``layer`` where ``probe``, its unbuilt
+    copy built for them, has weights of other shapes (a Dense given other features): a layer
+    keeps its weights, so neither a model's build nor a call on a symbolic tensor takes them."""
+    wanted = [probe.keras_shape(n) for n in probe.present_weight_names()]
+    has = [layer.keras_shape(n) for n in layer.present_weight_names()]
+    if wanted != has:
+        raise InputError(f"layer {layer.name!r} ({type(layer).__name__}) holds weights for "
+                         f"inputs of shape {layer.input_shape}, and inputs of shape "
+                         f"{tuple(shape)} need weights of other shapes ({wanted}, it has "
+                         f"{has}): a layer keeps its weights; use a new "
+                         f"{type(layer).__name__}(...) for these inputs")
 
 
 def _other_shape(layer: Layer, x: Any) -> bool:

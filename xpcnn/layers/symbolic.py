@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import itertools
 import numbers
+import weakref
 from typing import Any, NoReturn
 
 from ..errors import InputError
@@ -24,6 +25,9 @@ class SymbolicTensor:
         #: for the input of a built model's own graph (a Sequential's, a loaded model's), that
         #: model's name: an error names it where its layers' outputs meet another input
         self.model: str | None = None
+        #: the input of a graph a model made when it was built again for another input shape
+        #: (model.build): an error where its tensors meet another graph's says so
+        self.rebuilt = False
 
     @property
     def shape(self) -> tuple[int | None, ...]:
@@ -87,6 +91,11 @@ class Node:
         self.multi = multi  # the layer takes a list (a merge layer)
         self.order = next(Node._counter)
         self.output = SymbolicTensor(shape, self, layer.name)
+        #: the model whose graph this call is, in its layer's inbound nodes (the model that
+        #: recorded it, or the first traced from it, see ``Model._use_symbolic``), held
+        #: weakly; None: no model's. An extractor traced later from it shares it, and leaves
+        #: it where it is when built for other inputs.
+        self.owner: weakref.ref[Any] | None = None
 
 
 _LAYERS_ONLY = "a functional model's tensors are transformed by layers only"
