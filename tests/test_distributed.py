@@ -588,6 +588,44 @@ def test_an_untrainable_model_is_refused_on_a_rank_with_no_sample_too():
     assert sorted(refused) == [0, 1]
 
 
+def test_the_agreement_to_stop_refuses_layers_or_rates_of_some_ranks_only(monkeypatch):
+    """Each rank's mark of its last step (which layers it trained, its learning rate) goes in
+    the agreement after the step's callbacks, so a device communicator's ranks (NCCL's, whose
+    stats the host does not read) refuse at that step too; 30 layers, packed 24 a number."""
+    model = xpcnn.Sequential([Flatten(), *(Dense(4) for _ in range(29)), Dense(3)], seed=1)
+    model.compile(optimizer=xpcnn.optim.SGD(0.1))
+    model.build((2, 2, 1))
+    # (ThreadSum has no host buffers: the marks go in the agreement alone)
+    dp = distributed.DataParallel(model, distributed.World(0, 2), ThreadSum(2).for_rank(0))
+    dp.buckets_for(model._trained())  # (a step's: its rate and number noted)
+    trained = [bool(la.params) for la in model.layers]
+    assert len(dp.trained_mark) == 2 and distributed._unbits(dp.trained_mark, 31) == trained
+    frozen = list(trained)
+    frozen[27] = False  # (rank 1's 'dense_26' frozen: in the mark's second number)
+    for theirs, said in [
+            ((frozen, 0.1), "the ranks trained other layers at step 1: layer 'dense_26' (Dense) "
+                            "on rank(s) [0], not on rank(s) [1]: a callback froze or unfroze "
+                            "it on some ranks only"),
+            ((trained, 0.05), "the ranks trained step 1 at other learning rates: 0.1 on "
+                              "rank(s) [0], 0.05 on rank(s) [1]: a callback or schedule set it "
+                              "on some ranks only"),
+            ((trained, 0.1), None)]:
+        def host_sum(here, values, what, tagged=False, layout=(), other_layout=None,
+                     theirs=theirs):
+            assert what == "fit (the agreement to stop)" and tagged
+            rows = np.asarray(values[3:], dtype=float).reshape(2, -1)
+            rows[1] = [*distributed._bits(theirs[0]), theirs[1]]  # (rank 1's part)
+            return [*values[:3], *rows.ravel()]
+
+        monkeypatch.setattr(distributed, "host_sum", host_sum)
+        if said is None:
+            assert dp.agree_to_stop() == (False, False)
+            continue
+        with pytest.raises(distributed.DistributedError) as refused:
+            dp.agree_to_stop()
+        assert str(refused.value).startswith(said), refused.value
+
+
 def test_one_process_is_a_no_op_without_mpi(monkeypatch):
     for var in ("OMPI_COMM_WORLD_SIZE", "PMI_SIZE"):
         monkeypatch.delenv(var, raising=False)
@@ -949,6 +987,61 @@ def test_nccl_sum_calls_cupy_nccl_as_documented(monkeypatch):
         Event.count = 0
 
 
+class _NodeComm:
+    """A stand-in for an mpi4py communicator of ``size`` ranks, all on this node."""
+
+    def __init__(self, size: int) -> None:
+        self.size = size
+
+    def Get_rank(self) -> int:
+        return 1
+
+    def Get_size(self) -> int:
+        return self.size
+
+    def Split_type(self, kind):
+        return self
+
+    def Free(self) -> None:
+        pass
+
+    def Dup(self):
+        return self
+
+    def allgather(self, value):
+        return [value] * self.size
+
+
+@pytest.mark.parametrize("chosen", [None, "OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS"])
+def test_the_ranks_on_a_node_share_its_cores_as_the_world_is_made(monkeypatch, chosen):
+    """cores / (ranks on the node) threads each, from init (was: from the first fit's
+    communicator: an evaluate-only job's ranks each took every core); none where the user
+    chose a thread count."""
+    from xpcnn.backend import get_backend
+    from xpcnn.ops.kernels import fast_kernels
+
+    fast = fast_kernels(get_backend("cpu"))
+    if fast is None:
+        pytest.skip("no fast NumPy kernels (XPCNN_FAST_PATH=0)")
+    mpi = _fake_mpi(monkeypatch)
+    mpi.COMM_TYPE_SHARED = "shared"
+    for name in ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS"):
+        monkeypatch.delenv(name, raising=False)
+    if chosen is not None:
+        monkeypatch.setenv(chosen, "1")
+    threads: list[int] = []
+    monkeypatch.setattr(fast, "set_threads", threads.append)
+    # (no excepthook, atexit or call state of this process's own changed)
+    monkeypatch.setattr(distributed, "_abort_all_on_error", lambda here: None)
+    monkeypatch.setattr(distributed, "_REPORTS_END", [True])
+    monkeypatch.setattr(distributed, "_CALL", {**distributed._CALL, "ended": None})
+    monkeypatch.setattr(distributed, "_HEARD", [])
+    monkeypatch.setitem(distributed._WORLD, "world", distributed.World())
+    here = distributed.init(_NodeComm(3), timeout=5)
+    assert (here.size, here.local_size) == (3, 3)
+    assert threads == ([] if chosen else [max(1, (os.cpu_count() or 1) // 3)])
+
+
 def test_a_bad_collective_timeout_is_refused():
     for bad in ("ten", "0", "-5", "inf", None):
         with pytest.raises(distributed.DistributedError, match="positive number of seconds"):
@@ -1007,7 +1100,6 @@ def one(index, case):  # (each case's model and data its own: the cases run one 
     if case == "early stopping on rank 0" and rank == 0:  # (a 600 s wait, then "stuck")
         from xpcnn.callbacks import EarlyStopping
         callbacks = [EarlyStopping(monitor="loss", patience=0, min_delta=10)]
-    checkpoint = os.path.join(os.path.dirname(__file__), f"ck{index}.npz")
     # (per-rank data: a PyTorch habit; or arrays of other lengths)
     xs, ys = {"data shards": (x[rank::2], y[rank::2]),
               "lengths": (x[:16 - 4 * rank], y[:16 - 4 * rank])}.get(case, (x, y))
@@ -1075,14 +1167,21 @@ def one(index, case):  # (each case's model and data its own: the cases run one 
             if rank == 0:
                 model.evaluate(x, y, verbose=0)
             model.fit(x, y, batch_size=4, verbose=0)
-        elif case == "checkpoint on rank 0 alone":  # (a node-local disk: rank 0 resumed,
-            model.fit(x, y, batch_size=4, verbose=0, checkpoint=checkpoint)  # rank 1 afresh)
-            model.fit(x, y, batch_size=4, epochs=2, verbose=0, resume=True,
-                      checkpoint=checkpoint if rank == 0 else checkpoint + ".rank1.npz")
-        elif case == "dataset checkpoint on rank 0 alone":  # (rank 1 alone drew a first
-            model.fit(Pairs(), batch_size=4, verbose=0, checkpoint=checkpoint)  # batch: refused
-            model.fit(Pairs(), batch_size=4, epochs=2, verbose=0, resume=True,  # as other calls)
-                      checkpoint=checkpoint if rank == 0 else checkpoint + ".rank1.npz")
+        elif case in ("checkpoint on rank 0 alone", "dataset checkpoint on rank 0 alone"):
+            # (a node-local disk: rank 0 resumed, rank 1 started afresh; with a dataset, rank
+            # 1 alone drew a first batch: refused as other calls. Each rank's own folder as
+            # its node's disk, the same path on both)
+            node = os.path.join(os.path.dirname(__file__), f"{index}.node{rank}")
+            os.makedirs(node)
+            data = (Pairs(),) if case.startswith("dataset") else (x, y)
+            saving = dict(batch_size=4, verbose=0, checkpoint="ck.npz")
+            here = os.getcwd()
+            os.chdir(node)
+            try:
+                model.fit(*data, **saving)
+                model.fit(*data, epochs=2, resume=True, **saving)
+            finally:
+                os.chdir(here)
         elif case == "validation on rank 0 alone":  # (was: checksums of other lengths,
             model.fit(x, y, batch_size=4, verbose=0,  # read as "another epochs")
                       validation_data=(x, y) if rank == 0 else None)
@@ -1351,6 +1450,48 @@ def test_data_that_runs_out_ends_fit_alike_on_every_rank(run_out_job, case):
                          "rank 1 epochs [0, 1] val 0", f"rank 1 warned: {warning}"], lines
 
 
+@pytest.mark.parametrize("where", ["sampler", "batch_sampler"])
+def test_a_dataloaders_distributed_sampler_is_told_each_epoch(where):
+    """The PyTorch DDP habit: each rank's DataLoader over a DistributedSampler (its own or in
+    its batch sampler), given to fit. Its shuffled order is made from its seed and the epoch
+    that set_epoch tells it, as DDP loops, Lightning and Accelerate call it: fit does, before
+    each pass, numbering the epochs on across fit calls (was never: every epoch had the
+    first one's order, silently)."""
+    torch_data = pytest.importorskip("torch.utils.data")
+    rng = np.random.default_rng(0)
+    x, y = rng.random((16, 2, 2, 1)).astype(np.float32), rng.integers(0, 3, 16)
+    read: list[int] = []
+
+    class Samples(torch_data.Dataset):
+        def __len__(self):
+            return 16
+
+        def __getitem__(self, i):
+            read.append(int(i))
+            return x[i], int(y[i])
+
+    def sampler():
+        return torch_data.DistributedSampler(Samples(), num_replicas=2, rank=1, seed=5)
+
+    def collate(items):
+        return np.stack([a for a, _ in items]), np.array([b for _, b in items])
+
+    loader = torch_data.DataLoader(Samples(), batch_size=4, sampler=sampler(),
+                                   collate_fn=collate) if where == "sampler" else \
+        torch_data.DataLoader(Samples(), collate_fn=collate, batch_sampler=torch_data.
+                              BatchSampler(sampler(), batch_size=4, drop_last=False))
+    model = xpcnn.Sequential([Flatten(), Dense(3), Softmax()], seed=0)
+    model.compile(optimizer="sgd")
+    model.fit(loader, epochs=3, verbose=0)
+    model.fit(loader, epochs=1, verbose=0)  # (epoch 3 of the sampler's)
+    expected = []
+    for epoch in range(4):
+        told = sampler()
+        told.set_epoch(epoch)
+        expected += list(told)
+    assert read == expected and read[:8] != read[8:16]
+
+
 # -- top-k metrics: the counts summed over the ranks, as the correct count ----------------------
 
 TOP_K_METRICS = ["accuracy", "sparse_top_k_categorical_accuracy", ("top2", 2)]
@@ -1500,23 +1641,35 @@ def test_the_rank_checksums_are_one_tagged_sum_and_name_the_differing_ranks(monk
 
 
 _RANKS_APART = '''
+import contextlib
+import io
 import os
 import sys
 import zlib
 import numpy as np
 import xpcnn
 from xpcnn import distributed
-from xpcnn.callbacks import LambdaCallback
+from xpcnn.callbacks import (CSVLogger, LambdaCallback, LearningRateScheduler, ModelCheckpoint,
+                             TerminateOnNaN)
 from xpcnn.errors import XpcnnError
-from xpcnn.layers import BatchNorm2D, Dense, Flatten, Softmax
+from xpcnn.layers import BatchNorm2D, Conv2D, Dense, Flatten, ReLU, Softmax
 
 rank = distributed.world().rank
 
 
-def make(seed=0):
-    m = xpcnn.Sequential([Flatten(), Dense(3), Softmax()], seed=seed)
+def make(seed=0, *layers):
+    m = xpcnn.Sequential([Flatten(), *layers, Dense(3), Softmax()], seed=seed)
     m.compile(optimizer="sgd")
     return m
+
+
+def crc(model):
+    return zlib.crc32(b"".join(w.tobytes() for w in model.get_weights()))
+
+
+def fails_on_rank_1(logs):
+    if rank == 1:
+        raise ValueError("rank 1's on_train_end refused")
 
 
 def one(index, case):  # (each case's model, data and checkpoint its own: run one by one)
@@ -1558,8 +1711,61 @@ def one(index, case):  # (each case's model, data and checkpoint its own: run on
             model.fit(x, y, batch_size=4, epochs=2, verbose=0, callbacks=[LambdaCallback(
                 on_train_batch_end=lambda batch, logs: batch == 2 and scores.append(
                     model.evaluate(x, y, batch_size=8, verbose=0)))])
-            crc = zlib.crc32(b"".join(w.tobytes() for w in model.get_weights()))
-            said.append(f"rank {rank} evaluated {len(scores)} times, weights {crc}")
+            said.append(f"rank {rank} evaluated {len(scores)} times, weights {crc(model)}")
+        elif case == "stop evaluating on rank 0":  # (a callback deciding on rank 0's own
+            def stop_on_rank_0(batch, logs):  # running means, as its batch logs are)
+                if rank == 0:
+                    model.stop_evaluating = True
+
+            stopping = [LambdaCallback(on_test_batch_end=stop_on_rank_0)]
+            first = model.evaluate(x[:8], y[:8], batch_size=4)  # (the first global batch)
+            got = model.evaluate(x, y, batch_size=4, callbacks=stopping)
+            said.append(f"rank {rank} evaluate stopped after the first batch: {got == first}")
+            history = model.fit(x, y, batch_size=4, verbose=0, validation_data=(x, y),
+                                validation_batch_size=4, callbacks=stopping)
+            got = [history.history[name][0] for name in ("val_loss", "val_accuracy")]
+            first = model.evaluate(x[:8], y[:8], batch_size=4)
+            said.append(f"rank {rank} validation stopped after the first batch: {got == first}")
+        elif case == "TerminateOnNaN, BatchNorm":  # (a rate that overflows inside epoch 1)
+            model = xpcnn.Sequential([Conv2D(4, 3), BatchNorm2D(), ReLU(), Flatten(), Dense(3),
+                                      Softmax()], seed=0)
+            model.compile(optimizer=xpcnn.optim.SGD(1e5, momentum=0.9))
+            with contextlib.redirect_stdout(io.StringIO()):  # (its line, on rank 0)
+                model.fit(x, y, batch_size=4, epochs=2, verbose=0, callbacks=[TerminateOnNaN()])
+            said.append(f"rank {rank} stopped inside an epoch: "
+                        f"{model.optimizer.iterations % 6 != 0}, weights {crc(model)}")
+            model.evaluate(x, y, batch_size=4)  # (was: refused, other weights on rank 1)
+            said.append(f"rank {rank} evaluated")
+        elif case in ("freeze on rank 1", "learning rate on rank 1"):
+            model = make(0, Dense(5))
+
+            def freeze(batch, logs):  # (before step 3: 'dense', whose gradients go last)
+                if rank == 1 and batch == 2:
+                    model.layers[1].trainable = False
+
+            callbacks = [LambdaCallback(on_train_batch_begin=freeze)] if case.startswith(
+                "freeze") else [LearningRateScheduler(lambda epoch, lr: lr / (1 + rank))]
+            model.fit(x, y, batch_size=4, verbose=0, callbacks=callbacks)
+            said.append(f"rank {rank} trained, weights {crc(model)}")
+        elif case == "files of each rank's own":  # (each refused as fit starts: was an epoch
+            # trained, then a wait for rank 0's report of rank 1's file until the timeout)
+            own = os.path.join(os.path.dirname(__file__), f"own{rank}")
+            for files in ({"checkpoint": own + ".npz"},
+                          {"callbacks": [ModelCheckpoint(own + ".weights.npz",
+                                                         save_weights_only=True)]},
+                          {"callbacks": [CSVLogger(own + ".csv")]}):
+                try:
+                    model.fit(x, y, batch_size=4, verbose=0, **files)
+                except XpcnnError as e:
+                    said.append(f"rank {rank} refused: {type(e).__name__}: {e}")
+        elif case == "on_train_end on rank 1":
+            try:
+                model.fit(x, y, batch_size=4, verbose=0,
+                          callbacks=[LambdaCallback(on_train_end=fails_on_rank_1)])
+            except (XpcnnError, ValueError) as e:
+                said.append(f"rank {rank} refused: {type(e).__name__}: {e}")
+            model.evaluate(x, y, batch_size=4)  # (was: rank 0 waited for rank 1 to begin it)
+            said.append(f"rank {rank} evaluated")
         elif case.endswith("on rank 1"):  # (that node's copy of the data, or rank 1's argument)
             if rank == 1:
                 x[3, 0, 0, 0] = np.nan if case.startswith("fit nan") else x[3, 0, 0, 0]
@@ -1575,9 +1781,8 @@ def one(index, case):  # (each case's model, data and checkpoint its own: run on
                 model, "stop_training", True)) if epoch_end else stop("on_train_batch_end")
             checkpoint = {"checkpoint": ck} if case.endswith("checkpoint") else {}
             model.fit(x, y, batch_size=4, epochs=3, verbose=0, callbacks=[cb], **checkpoint)
-            crc = zlib.crc32(b"".join(w.tobytes() for w in model.get_weights()))
             said.append(f"rank {rank} stopped after {model.optimizer.iterations} steps, "
-                        f"epochs {model.history.epoch}, weights {crc}")
+                        f"epochs {model.history.epoch}, weights {crc(model)}")
             if checkpoint:  # (a run that stop_training ended trains no more, as in one
                 again = make()  # process)
                 history = again.fit(x, y, batch_size=4, epochs=3, verbose=0, checkpoint=ck,
@@ -1599,7 +1804,11 @@ RANKS_APART_CASES = ["weights on rank 0", "stop at a step", "stop at a step, che
                      "stop at epoch end", "stop at epoch end, checkpoint", "per-rank seed",
                      "fit nan on rank 1", "fit class_weight key on rank 1",
                      "evaluate label on rank 1", "broadcast to an unbuilt rank",
-                     "evaluate mid-fit, BatchNorm"]
+                     "evaluate mid-fit, BatchNorm", "stop evaluating on rank 0",
+                     "TerminateOnNaN, BatchNorm", "files of each rank's own",
+                     "on_train_end on rank 1", "learning rate on rank 1",
+                     # (last: its refusal leaves a reduction unfinished on rank 0)
+                     "freeze on rank 1"]
 
 
 @needs_mpi
@@ -1613,7 +1822,15 @@ def test_what_differs_between_the_ranks_at_evaluate_or_a_stop_is_agreed_or_refus
     every rank stops at the same step, and the resumed run trains no more (as one process's,
     stopped). A per-rank model seed (fit's shuffling seed) was blamed on the data. A refusal of
     rank 1's own data or argument as fit or evaluate starts left rank 0 waiting for the
-    timeout: now every rank fails at once, rank 0 naming rank 1."""
+    timeout: now every rank fails at once, rank 0 naming rank 1. The same for a
+    ``model.stop_evaluating`` set on rank 0 alone (evaluate and fit's validation: every rank
+    stops after that batch, was a mix of rank 0's first batch and rank 1's whole pass), an
+    error in rank 1's ``on_train_end`` (was: rank 0's fit returned, its next call waited for
+    the timeout), files of each rank's own (a checkpoint, a ModelCheckpoint, a CSVLogger:
+    refused as fit starts, was an epoch and a wait for the timeout), and a layer frozen or a
+    learning rate set on rank 1 alone (refused at that step: was a hang in the gradient
+    allreduce, or weights apart, silently). TerminateOnNaN inside an epoch leaves every rank
+    with the same BatchNorm statistics (was: each rank's own, refused by evaluate)."""
     # (the cases one after the other in one job, each checked on its own lines, as
     # test_what_one_rank_refuses_or_ranks_build_apart_is_refused_on_every_rank does: a job a
     # case took ~1 s each to start; a case left waiting fails the job's time limit)
@@ -1632,6 +1849,47 @@ def _check_ranks_apart(case: str, lines: list[str]) -> None:
                                        for r, line in ((0, lines[1]), (1, lines[3]))), lines
         assert [lines[0], lines[2]] == [f"rank {r} after broadcast_weights: rank 0's scores "
                                         "True" for r in (0, 1)], lines
+    elif case == "stop evaluating on rank 0":  # (was a mix: rank 0's first batch summed with
+        # rank 1's whole pass, silently)
+        assert lines == [f"rank {r} {call} stopped after the first batch: True"
+                         for r in (0, 1) for call in ("evaluate", "validation")], lines
+    elif case == "TerminateOnNaN, BatchNorm":  # (was: each rank's own BatchNorm statistics,
+        # averaged only at an epoch's end, and evaluate then refused rank 1's as other weights)
+        assert [line.split(", weights")[0] for line in lines] == [
+            f"rank {r} {did}" for r in (0, 1)
+            for did in ("evaluated", "stopped inside an epoch: True")], lines
+        assert lines[1].split("weights")[1] == lines[3].split("weights")[1], lines
+    elif case == "files of each rank's own":  # (was: an epoch, then a wait for the timeout)
+        assert lines == [f"rank {r} refused: DistributedError: fit on several ranks was given "
+                         "other files to write on rank(s) [1] than on rank 0 (a "
+                         "BackupAndRestore's or fit(checkpoint=...)'s path, a ModelCheckpoint's "
+                         "filepath or a CSVLogger's filename): rank 0 alone writes them, and the "
+                         "others wait for its report of the same path; give every rank the same "
+                         "one, not a path of each rank's own (f'ckpt{rank}.npz')"
+                         for r in (0, 1) for _ in range(3)], lines
+    elif case == "on_train_end on rank 1":  # (was: rank 0's fit returned, and its evaluate
+        # waited for rank 1 until the timeout)
+        assert lines == ["rank 0 evaluated",
+                         "rank 0 refused: DistributedError: the callbacks' on_train_end failed "
+                         "on rank(s) [1]: their error says why",
+                         "rank 1 evaluated",
+                         "rank 1 refused: ValueError: rank 1's on_train_end refused"], lines
+    elif case == "learning rate on rank 1":  # (was: trained apart, silently)
+        assert lines == [f"rank {r} refused: DistributedError: the ranks trained step 1 at "
+                         "other learning rates: 0.01 on rank(s) [0], 0.005 on rank(s) [1]: a "
+                         "callback or schedule set it on some ranks only (one deciding on its "
+                         "rank's own state, say), and the ranks' weights drift apart; every "
+                         "rank must train at the same learning rate at every step (a "
+                         "LearningRateScheduler with the same function on every rank)"
+                         for r in (0, 1)], lines
+    elif case == "freeze on rank 1":  # (was: trained apart, silently; with larger buckets,
+        # a wait in the gradient allreduce until the timeout, blaming a stuck rank)
+        assert lines == [f"rank {r} refused: DistributedError: the ranks trained other layers "
+                         "at step 3: layer 'dense' (Dense) on rank(s) [0], not on rank(s) [1]: "
+                         "a callback froze or unfroze it on some ranks only (one deciding on "
+                         "its rank's own state, say), and the gradients of other layers cannot "
+                         "be averaged; every rank must freeze and unfreeze the same layers at "
+                         "the same step" for r in (0, 1)], lines
     elif case.endswith("on rank 1"):
         call = case.split()[0]
         own = {"fit nan on rank 1": "NonFiniteError: x holds NaN or infinite values: sample 3",

@@ -15,39 +15,47 @@ on four ranks; ``fit`` needs no change. As in ChainerMN, Horovod and PyTorch DDP
   packed into a few flat buckets (1 MiB for the first, then 25 MiB, as DDP; made again when a
   callback freezes or unfreezes a layer, on every rank at the same step), each reduced as
   soon as backward has produced all of its gradients, while backward goes on: NCCL on CuPy
-  arrays for GPU ranks (on its own stream), MPI ``Iallreduce`` on host arrays for CPU ranks;
+  arrays for GPU ranks (on its own stream), MPI ``Iallreduce`` on host arrays for CPU ranks.
+  A layer frozen or unfrozen, or a learning rate set, on some ranks only is refused on every
+  rank at that step, naming the layer or the rates and the ranks: each rank's mark of its
+  step (which layers it trained, its rate) goes in the agreement after it, and on CPU ranks
+  in the step's sums too, compared before any bucket is waited for (buckets of other sizes
+  made the reductions erroneous: a hang, or a mix of gradients);
 * random layers (Dropout, RandomFlip, RandomCrop) draw the numbers of the global batch and
   take their slice, so each sample gets the numbers it gets in one process;
 * ``evaluate`` and the training metrics are summed over the ranks (``evaluate`` refuses weights
   that differ between the ranks, as loaded on rank 0 alone: :func:`broadcast_weights`;
   ``predict`` runs whole on each rank with that rank's own model, no exchange); a
   ``model.stop_training`` set on any rank stops every rank at the same step (an agreement
-  after each step's callbacks and after ``on_epoch_end``); only rank 0 prints progress
+  after each step's callbacks and after ``on_epoch_end``), and a ``model.stop_evaluating``
+  set on any rank ends every rank's evaluation after the same batch (an agreement after each
+  batch, where a callback has test hooks of its own); only rank 0 prints progress
   and writes files (models, checkpoints, figures): a save that every rank calls returns on
   each once rank 0 has written, and one that rank 0 calls alone returns at once
   (:func:`write_on_root`);
-* ``fit`` refuses, on every rank, layers, compile settings, data, arguments and callbacks
-  that differ between the ranks, and checkpoints resumed by some ranks only; the checks run
-  on a communicator of their own, each first telling the others its call and size, so a rank
-  in another check (an ``evaluate`` on rank 0 alone as the others begin ``fit``) is refused,
-  saying which, and one in a check while the others train is paired with nothing (it waits
-  for the timeout, saying that a rank may not be making the call);
+* ``fit`` refuses, on every rank, layers, compile settings, data, arguments and callbacks that
+  differ between the ranks (the files its callbacks write too), and checkpoints resumed by
+  some ranks only; the checks run on a communicator of their own, each first telling the
+  others its call and size, so a rank in another check (an ``evaluate`` on rank 0 alone as the
+  others begin ``fit``) is refused, saying which, and one in a check while the others train is
+  paired with nothing (it waits for the timeout, saying that a rank may not be making the
+  call);
 * a rank that raises ends the whole job (``MPI_Abort``, with that rank's traceback), one that
   dies is reported by ``mpiexec`` (which ends the others), and an MPI wait (the CPU ranks'
   allreduce, the weight broadcast, the sums of ``evaluate``) longer than ``timeout`` seconds
   (``XPCNN_DIST_TIMEOUT``, default 600) raises on the waiting rank. NCCL's waits are on the
   device and have no such limit: a GPU rank that hangs without dying is not detected;
-* a ``fit`` or ``evaluate`` that an error ends on one rank alone (its data's, a callback's),
-  caught by the script or not, ends it on the others at once: that rank tells them (a small
-  message, :func:`together`), and a rank waiting in one of the call's MPI exchanges raises a
-  :class:`DistributedError` naming that rank and its error. Each call makes its exchanges on
-  communicators of its own, so a script that catches the error on every rank and calls
-  ``fit`` again goes on (an exchange left unfinished stays with the call that failed, whose
-  communicators are then kept for good: after about a thousand such calls MPI has none left,
-  and fit and evaluate say to restart the job; the others' are freed). An
-  error that a callback catches (a nested ``evaluate``'s) tells no one: the others then wait
-  in the call's next exchange until the timeout, or are refused there as in another call.
-  A non-finite step (NaN or infinity, found where a rank reads its running totals: rank 0's
+* a ``fit`` or ``evaluate`` that an error ends on one rank alone (its data's, a callback's,
+  ``on_train_end``'s too), caught by the script or not, ends it on the others at once: that
+  rank tells them (a small message, :func:`together`), and a rank waiting in one of the call's
+  MPI exchanges raises a :class:`DistributedError` naming that rank and its error. Each call
+  makes its exchanges on communicators of its own, so a script that catches the error on every
+  rank and calls ``fit`` again goes on (an exchange left unfinished stays with the call that
+  failed, whose communicators are then kept for good: after about a thousand such calls MPI
+  has none left, and fit and evaluate say to restart the job; the others' are freed). An error
+  that a callback catches (a nested ``evaluate``'s) tells no one: the others then wait in the
+  call's next exchange until the timeout, or are refused there as in another call. A
+  non-finite step (NaN or infinity, found where a rank reads its running totals: rank 0's
   progress bar alone, say) is raised on every rank at the same step, in the agreement after
   its callbacks or at the epoch's end, naming the rank whose slice of the batch made it and
   that rank's layer, as one process does (so :class:`~xpcnn.callbacks.TerminateOnNaN` stops
@@ -55,7 +63,11 @@ on four ranks; ``fit`` needs no change. As in ChainerMN, Horovod and PyTorch DDP
 
 BatchNorm normalises each rank's slice with that slice's own statistics (as DDP does by
 default), so a BatchNorm model does not train exactly as in one process; its running
-statistics are averaged over the ranks at the end of each epoch and before each checkpoint.
+statistics are averaged over the ranks at the end of each epoch, before each checkpoint, and
+where TerminateOnNaN ends fit inside an epoch.
+
+CPU ranks on one node share its cores from the start (:func:`init`): each gets cores / (ranks
+on the node) threads unless ``OPENBLAS_NUM_THREADS`` or ``OMP_NUM_THREADS`` is set.
 
 In a single process (no MPI launcher in the environment) this module does nothing and never
 imports mpi4py.
@@ -180,6 +192,9 @@ def init(comm: Any = None, timeout: float | None = None) -> World:
         _LEFT.extend(_CALL["ended"][0])
     _CALL.update(number=0, inside=0, comms=None, waits=0, gave_up=False, open=[], ended=None)
     _HEARD.clear()
+    # (as the world is made, not at the first fit: an evaluate-only job's ranks each took
+    # every core of the node, oversubscribing it)
+    _share_cores(here)
     if here.size > 1:
         _abort_all_on_error(here)
         if not _REPORTS_END:  # (run before mpi4py's MPI_Finalize, registered earlier)
@@ -262,6 +277,10 @@ def device_for_rank(device: Any) -> Any:
 class MpiSum:
     """Sums NumPy buffers over the ranks with MPI, in place and non-blocking."""
 
+    #: Its buffers are host arrays: numbers summed with a step's stats are read at no cost
+    #: (GradientBuckets' marks).
+    host = True
+
     def __init__(self, here: World) -> None:
         from mpi4py import MPI
 
@@ -288,6 +307,8 @@ class NcclSum:
     every rank over MPI). ``start`` orders the reduction after the work queued so far on the
     current stream; ``wait`` orders the current stream's next work after it: neither blocks the
     host."""
+
+    host = False  # (device buffers: a read of the stats would wait for the device)
 
     def __init__(self, here: World, device: Any) -> None:
         import cupy
@@ -767,12 +788,26 @@ class GradientBuckets:
     layers, as the optimiser takes them) and the summed stats.
     A non-finite gradient on any rank makes the sum non-finite on every rank, so the overflow
     check after it (mixed precision) skips the step on all of them.
+
+    ``extra`` (host communicators): numbers summed with each step's stats, which ``check`` is
+    given before any bucket is waited for (each rank's mark of the layers it trains, in its
+    own slots: a rank whose buckets hold other layers, of other sizes, made the bucket
+    reductions erroneous MPI, which hung or summed a mix). ``deferred``: buckets made again
+    mid-fit (a layer frozen or unfrozen on this rank), whose first step starts none before
+    that check, so that a rank still holding the old ones is never paired with them.
     """
 
     def __init__(self, comm: Any, xp: Any, layers: Sequence[Any],
                  bucket_bytes: int = BUCKET_BYTES,
-                 first_bucket_bytes: int = FIRST_BUCKET_BYTES) -> None:
+                 first_bucket_bytes: int = FIRST_BUCKET_BYTES, *,
+                 extra: np.ndarray | None = None,
+                 check: Callable[[np.ndarray], None] | None = None,
+                 deferred: bool = False) -> None:
         self.comm, self.xp, self.layers = comm, xp, tuple(layers)
+        self.extra, self.check = extra, check
+        self._defer = deferred and extra is not None
+        self._stats_handle: Any = None
+        self._count = 0  # (the stats' numbers, before the extra ones)
         self.entries = [(layer, key) for layer in layers for key in layer.params]
         # Backward order; a bucket closes once it holds its cap (DDP's rule): in the reference
         # models the first holds the big Dense kernel, whose allreduce then runs while backward
@@ -820,6 +855,10 @@ class GradientBuckets:
         self.buffers = [None] * len(self.buckets)
         self._handles = []
         self._stats = self.xp.concat([stats[:1] * weight, stats[1:]])
+        self._count = int(self._stats.shape[0])
+        if self.extra is not None:
+            self._stats = self.xp.concat([self._stats, self.xp.asarray(
+                self.extra, dtype=self._stats.dtype)])
         self._stats_handle = self.comm.start(self._stats)
 
     def layer_done(self, layer: Any) -> None:
@@ -833,20 +872,35 @@ class GradientBuckets:
     def finish(self) -> tuple[list[Any], Any]:
         """Start what is left (gradients that backward did not produce count as zeros), wait;
         returns the averaged gradients and the summed stats."""
+        if self.extra is not None:
+            self._checked()  # (before the buckets' wait, which other sizes never end)
         for b, buf in enumerate(self.buffers):
             if buf is None:
                 self._start(b)
-        self.comm.wait([self._stats_handle, *self._handles], "the gradient allreduce")
+        stats = [] if self.extra is not None else [self._stats_handle]
+        self.comm.wait([*stats, *self._handles], "the gradient allreduce")
         grads: list[Any] = [None] * len(self.entries)
         for b, bucket in enumerate(self.buckets):
             for i in bucket:
                 start, stop = self.offsets[i]
                 grads[i] = self.xp.reshape(self.buffers[b][start:stop], self._param(i).shape)
-        return grads, self._stats
+        return grads, self._stats if self.extra is None else self._stats[:self._count]
+
+    def _checked(self) -> None:
+        """Wait for this step's stats, once, and give ``check`` their extra numbers."""
+        if self._stats_handle is None:
+            return
+        handle, self._stats_handle = self._stats_handle, None
+        self.comm.wait([handle], "the gradient allreduce")
+        self._defer = False  # (the next steps start their buckets as backward fills them)
+        if self.check is not None:
+            self.check(np.asarray(self._stats[self._count:]))
 
     def _start(self, b: int) -> None:
         """Pack bucket ``b`` (one concatenation: one launch on a GPU) and start its sum. The
         gradients are already weighted (the model scales the loss gradient, see begin)."""
+        if self._defer:
+            self._checked()
         xp = self.xp
         parts = []
         for i in self.buckets[b]:
@@ -875,7 +929,12 @@ class DataParallel:
         backend = model.backend
         # comm: an MpiSum / NcclSum, or anything with their start/progress/wait (tests)
         self.comm = comm if comm is not None else _communicator(here, backend)
-        self.buckets = GradientBuckets(self.comm, backend.xp, model.trainable_layers)
+        # (the mark of the last step, which each agreement to stop compares: which layers it
+        # trained, its buckets' (see _buckets), its learning rate and its number; a rate of -1
+        # before any step)
+        self.trained_mark: list[float] = []
+        self.step_lr, self.step_number = -1.0, 0
+        self.buckets = self._buckets(tuple(model.trainable_layers))
         from .layers.base import RandomLayer
 
         self.random_layers = [la for la in model.layers if isinstance(la, RandomLayer)]
@@ -927,10 +986,40 @@ class DataParallel:
     def buckets_for(self, trained: tuple[Any, ...]) -> GradientBuckets:
         """The buckets of ``trained``, the layers this step updates: made again after a layer
         was frozen or unfrozen (by a callback, which runs on every rank, so every rank makes
-        the same buckets at the same step)."""
+        the same buckets at the same step; one that did so on some ranks only is refused on
+        every rank: see :meth:`_buckets`). Called once a step, before its sums: the step's
+        learning rate and number are noted for the agreement after it (:meth:`agree_to_stop`)."""
         if self.buckets.layers is not trained and self.buckets.layers != trained:
-            self.buckets = GradientBuckets(self.comm, self.model.backend.xp, trained)
+            self.buckets = self._buckets(trained, deferred=True)
+        optimizer = self.model.optimizer
+        self.step_lr, self.step_number = float(optimizer.lr), optimizer.iterations + 1
         return self.buckets
+
+    def _buckets(self, trained: tuple[Any, ...], deferred: bool = False) -> GradientBuckets:
+        """Buckets for the layers ``trained`` (``deferred``: made again mid-fit), marked with
+        which of the model's layers they are. With host communicators (MPI), the marks go with
+        each step's stats and are compared before any bucket is waited for, so that the
+        ranks' buckets never differ unnoticed: a callback that froze a layer on one rank alone
+        made the reductions erroneous (a hang, or a mix of gradients, silently)."""
+        chosen = {id(la) for la in trained}
+        self.trained_mark = _bits([id(la) in chosen for la in self.model.layers])
+        here, extra = self.world, None
+        if getattr(self.comm, "host", False) and here.size > 1:
+            table = np.zeros((here.size, len(self.trained_mark)))
+            table[here.rank] = self.trained_mark
+            extra = table.ravel()
+        return GradientBuckets(self.comm, self.model.backend.xp, trained, extra=extra,
+                               check=self._refuse_other_marks, deferred=deferred)
+
+    def _refuse_other_marks(self, marks: np.ndarray) -> None:
+        """Raise, on every rank alike, where the ranks' marks ``marks`` (their rows, each
+        with the layers a rank trained, then maybe its learning rate) differ."""
+        marks = marks.reshape(self.world.size, -1)
+        if (marks == marks[0]).all():  # (every step: no layer looked at)
+            return
+        apart = _marks_apart(self.world, marks, self.model.layers, self.step_number)
+        if apart is not None:
+            raise DistributedError(apart)
 
     def empty_step(self, zeros: Any, trained: tuple[Any, ...]) -> tuple[Any, list[Any]]:
         """The step of a rank without a sample in this batch: its random layers still count
@@ -1046,11 +1135,20 @@ class DataParallel:
         waiting in the next step's allreduce. One tagged host sum (on ``World.checks``: never
         paired with training's collectives); where any rank stops, every rank's
         ``stop_training`` is set (never cleared here: a signal's since the exchange waits
-        for the next). The answer is kept for fit's loop (:meth:`agreed_stop`)."""
-        model = self.model
-        got = host_sum(self.world, [float(model.stop_training), float(interrupted),
-                                    float(self.held is not None)],
+        for the next). The answer is kept for fit's loop (:meth:`agreed_stop`). The sum
+        carries each rank's mark of its last step too (the layers it trained, its learning
+        rate): where they differ (a callback's freeze or learning rate on some ranks only),
+        every rank raises a :class:`DistributedError` naming the layer or the rates, and the
+        ranks."""
+        model, here = self.model, self.world
+        # (and the last step's mark: layers frozen, or a learning rate set, on some ranks
+        # only, were a silent mix of the ranks' steps, or a hang blamed on a stuck rank)
+        marks = np.zeros((here.size, len(self.trained_mark) + 1))
+        marks[here.rank] = [*self.trained_mark, self.step_lr]
+        got = host_sum(here, [float(model.stop_training), float(interrupted),
+                              float(self.held is not None), *marks.ravel()],
                        "fit (the agreement to stop)", tagged=True)
+        self._refuse_other_marks(np.asarray(got[3:]))
         if got[0]:
             model.stop_training = True
         self.stop_agreed = got[0] > 0
@@ -1139,6 +1237,49 @@ class DataParallel:
             la.state[k] = backend.asarray(a / self.world.size, dtype=la.dtype)
 
 
+#: Layers a number of a mark holds (one bit each): exact in float32 stats too.
+_BITS = 24
+
+
+def _bits(flags: Sequence[bool]) -> list[float]:
+    """``flags`` packed :data:`_BITS` to a number (at least one number)."""
+    return [float(sum(1 << j for j, on in enumerate(flags[i:i + _BITS]) if on))
+            for i in range(0, len(flags), _BITS)] or [0.0]
+
+
+def _unbits(numbers: Sequence[float], n: int) -> list[bool]:
+    """The ``n`` flags that :func:`_bits` packed into ``numbers``."""
+    return [bool(int(numbers[i // _BITS]) >> (i % _BITS) & 1) for i in range(n)]
+
+
+def _marks_apart(here: World, marks: np.ndarray, layers: Sequence[Any], step: int
+                 ) -> str | None:
+    """What differs between the ranks' marks of training step ``step`` (``marks``' rows, a
+    rank's: which of ``layers`` it trained, packed by :func:`_bits`; then, where there, its
+    learning rate), for a refusal; None where nothing does."""
+    size, chunks = here.size, len(_bits([False] * len(layers)))
+    trained = [_unbits(row[:chunks], len(layers)) for row in marks]
+    for i, la in enumerate(layers):
+        on = [r for r in range(size) if trained[r][i]]
+        if 0 < len(on) < size:
+            off = [r for r in range(size) if r not in on]
+            return (f"the ranks trained other layers at step {step}: layer {la.name!r} "
+                    f"({type(la).__name__}) on rank(s) {on}, not on rank(s) {off}: a callback "
+                    "froze or unfroze it on some ranks only (one deciding on its rank's own "
+                    "state, say), and the gradients of other layers cannot be averaged; every "
+                    "rank must freeze and unfreeze the same layers at the same step")
+    rates = [float(row[chunks]) for row in marks] if marks.shape[1] > chunks else []
+    if len(set(rates)) > 1:
+        said = ", ".join(f"{rate} on rank(s) {[r for r in range(size) if rates[r] == rate]}"
+                         for rate in dict.fromkeys(rates))
+        return (f"the ranks trained step {step} at other learning rates: {said}: a callback "
+                "or schedule set it on some ranks only (one deciding on its rank's own state, "
+                "say), and the ranks' weights drift apart; every rank must train at the same "
+                "learning rate at every step (a LearningRateScheduler with the same function "
+                "on every rank)")
+    return None
+
+
 #: Words of a rank's non-finite error that name no place in its own batch: its batch and outputs
 #: are finite (another rank's made the summed loss non-finite), or they could not be looked at
 #: again (xpcnn.training.step's and xpcnn.totals' messages).
@@ -1207,6 +1348,27 @@ def agreeing(what: str, tag: str) -> Iterator[None]:
     agree(here, error, what, tag)
 
 
+def any_rank(here: World, flag: bool, what: str) -> bool:
+    """Whether ``flag`` is set on any of ``here``'s ranks: one tagged host sum (``what``
+    names it, as for :func:`host_sum`); ``flag`` itself in one process."""
+    if here.size == 1:
+        return flag
+    return host_sum(here, [float(flag)], what, tagged=True)[0] > 0
+
+
+def agree_to_stop_evaluating(here: World, stop: bool, ended: bool, what: str
+                             ) -> tuple[bool, bool]:
+    """After each batch of an evaluation (``evaluate``, fit's validation) whose callbacks may
+    set ``model.stop_evaluating`` (see :func:`any_rank`): whether it is set on any rank
+    (``stop``: this rank's), and whether every rank's batches have ended (``ended``: this
+    one's, which then agrees once for each batch that another rank still evaluates, an
+    iterable's). A flag set on one rank alone (a callback deciding on that rank's own running
+    means, as its test batch logs are) summed a prefix of that rank's batches with the
+    others' whole passes, silently. One tagged host sum."""
+    got = host_sum(here, [float(stop), float(ended)], what, tagged=True)
+    return got[0] > 0, got[1] == here.size
+
+
 def refuse_different_data(here: World, sources: Sequence[tuple[str, Any]], call: str = "fit",
                           class_weights: np.ndarray | None = None,
                           arguments: dict[str, Any] | None = None, model: Any = None) -> None:
@@ -1265,6 +1427,13 @@ def refuse_different_data(here: World, sources: Sequence[tuple[str, Any]], call:
                 "each rank would take its slices of other batches: give the model the same "
                 "seed on every rank (not seed + rank: rank 0's initial weights go to every "
                 "rank anyway), or pass the same fit(seed=...)")
+        if ranks and name == FILES_ARGUMENT:
+            raise DistributedError(
+                f"{call} on several ranks was given other files to write on rank(s) {ranks} "
+                "than on rank 0 (a BackupAndRestore's or fit(checkpoint=...)'s path, a "
+                "ModelCheckpoint's filepath or a CSVLogger's filename): rank 0 alone writes "
+                "them, and the others wait for its report of the same path; give every rank "
+                "the same one, not a path of each rank's own (f'ckpt{rank}.npz')")
         if ranks:
             raise DistributedError(
                 f"{call} on several ranks was given another {name} on rank(s) {ranks} than on "
@@ -1376,24 +1545,29 @@ def _compile_settings(model: Any) -> dict[str, Any]:
         "metrics": list(getattr(model, "metrics", ()) or ())}
 
 
-#: The name of fit's shuffling seed among :func:`fit_arguments` (its refusal says more).
-SEED_ARGUMENT = "seed"
+#: The names of fit's shuffling seed and of its callbacks' files among :func:`fit_arguments`
+#: (their refusals say more).
+SEED_ARGUMENT, FILES_ARGUMENT = "seed", "files to write"
 
 
 def fit_arguments(epochs: int, initial_epoch: int, steps_per_epoch: Any, validation_steps: Any,
-                  validation_freq: Any, callbacks: Sequence[Any], seed: int = 0
-                  ) -> dict[str, Any]:
+                  validation_freq: Any, callbacks: Sequence[Any], seed: int = 0,
+                  files: Sequence[str] = ()) -> dict[str, Any]:
     """fit's arguments that every rank must share beyond its data, by name, for
     :func:`refuse_different_data`: the ``callbacks`` (fit's own History and progress bar left out by
     the caller: rank 0 alone shows one) by class, and the save frequency of those that save;
     the shuffling ``seed`` (the model's where fit is given none: a per-rank model seed, a
-    PyTorch habit, was blamed on the data, whose checksums include it)."""
+    PyTorch habit, was blamed on the data, whose checksums include it); the ``files`` that its
+    callbacks write, as given (a path of each rank's own, ``f"ckpt{rank}.npz"``: rank 0 wrote
+    its own, and the others waited for its report of theirs until the timeout, after an epoch
+    of training)."""
     return {SEED_ARGUMENT: seed, "epochs": epochs, "initial_epoch": initial_epoch,
             "steps_per_epoch": steps_per_epoch, "validation_steps": validation_steps,
             "validation_freq": sorted(validation_freq) if isinstance(
                 validation_freq, frozenset) else validation_freq,  # (a set's order varies)
             "callbacks (their classes and save_freq)": [
-                [type(cb).__name__, getattr(cb, "save_freq", None)] for cb in callbacks]}
+                [type(cb).__name__, getattr(cb, "save_freq", None)] for cb in callbacks],
+            FILES_ARGUMENT: list(files)}
 
 
 _COMMUNICATORS: dict[tuple[int, str], Any] = {}
@@ -1408,19 +1582,23 @@ def _communicator(here: World, backend: Any) -> Any:
             _COMMUNICATORS[key] = NcclSum(here, backend.device)
         elif backend.name == "numpy":
             _COMMUNICATORS[key] = MpiSum(here)
-            _share_cores(backend, here)
         else:
             raise DeviceError(f"training on several ranks runs on NumPy (CPU, with MPI) or CuPy "
                               f"(CUDA, with NCCL), not on {backend.name}")
     return _COMMUNICATORS[key]
 
 
-def _share_cores(backend: Any, here: World) -> None:
-    """CPU ranks on one node share its cores: unless the user set a thread count, each rank's
-    kernels get cores / (ranks on the node) threads."""
+def _share_cores(here: World) -> None:
+    """The ranks on one node share its cores: unless the user set a thread count, each rank's
+    CPU kernels (NumPy's, and the OpenBLAS they run on, which every backend's host work uses)
+    get cores / (ranks on the node) threads. Set as the world is made (:func:`init`)."""
     chosen = any(v in os.environ for v in ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS"))
-    fast = fast_kernels(backend)
-    if not chosen and fast is not None:
+    if chosen:
+        return
+    from .backend import get_backend
+
+    fast = fast_kernels(get_backend("cpu"))
+    if fast is not None:
         fast.set_threads(max(1, (os.cpu_count() or 1) // here.local_size))
 
 

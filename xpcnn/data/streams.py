@@ -87,10 +87,11 @@ class IterableBatches(Batches):
     generator) gives ``steps`` batches an epoch, continuing where the last epoch stopped (to
     its end without ``steps``: evaluate's and predict's one pass); a re-iterable that is not an
     array (a DataLoader; a list or tuple is read as one array) is iterated afresh each epoch,
-    ``steps`` batches or to its end. Without ``steps``, a PyTorch DataLoader's ``len()``
-    (:func:`counted_batches`) is :attr:`steps`, as in Keras 3, for the callbacks' ``params``
-    and the progress bar: it does not cut a longer pass. Batches are
-    checked on a background thread; the first one, checked here too, builds the model.
+    ``steps`` batches or to its end, its sampler told the epoch first where it has a
+    ``set_epoch`` (a ``DistributedSampler``: :func:`_begin_sampler_epoch`). Without ``steps``,
+    a PyTorch DataLoader's ``len()`` (:func:`counted_batches`) is :attr:`steps`, as in Keras 3,
+    for the callbacks' ``params`` and the progress bar: it does not cut a longer pass. Batches
+    are checked on a background thread; the first one, checked here too, builds the model.
 
     No batch an iterator gave is lost to it: this source holds none. What it draws outside an
     epoch (the first batch, to build the model; :meth:`has_batch`'s, on a thread of its own)
@@ -170,6 +171,7 @@ class IterableBatches(Batches):
             first, self._first = self._first, None
             if first is None:  # (a pass of its own: the reader a stopped call left ends first)
                 wait_for_reader(self.data, self.what)
+                _begin_sampler_epoch(self.data, epoch)
             source = iter(self.data) if first is None else \
                 itertools.chain([first[0]], first[1])
             if self._cut:
@@ -252,6 +254,23 @@ class IterableBatches(Batches):
 
 
 _NONE = object()
+
+
+def _begin_sampler_epoch(data: Any, epoch: int) -> None:
+    """Tell the sampler of ``data`` (a PyTorch DataLoader's, or its batch sampler's: a
+    ``DistributedSampler``, the DDP habit) that epoch ``epoch`` begins (fit's epochs numbered
+    on across its calls, as their shuffling orders are; 0 for evaluate), as DDP loops,
+    Lightning and Accelerate do, before the pass draws its order: it shuffles by its seed
+    plus that number, and without it every epoch had the first one's order, silently. Each
+    sampler that has a ``set_epoch`` is told once."""
+    batch_sampler = getattr(data, "batch_sampler", None)
+    told: set[int] = set()
+    for sampler in (getattr(data, "sampler", None), batch_sampler,
+                    getattr(batch_sampler, "sampler", None)):
+        set_epoch = getattr(sampler, "set_epoch", None)
+        if callable(set_epoch) and id(sampler) not in told:
+            told.add(id(sampler))
+            set_epoch(epoch)
 
 
 def _popped(pending: collections.deque[Any]) -> Iterator[Any]:

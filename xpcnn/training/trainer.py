@@ -40,6 +40,7 @@ from ..callbacks import (
     CallbackList,
     CSVLogger,
     History,
+    ModelCheckpoint,
     ProgbarLogger,
     callback_list,
     check_own_files,
@@ -137,6 +138,27 @@ def _with_progress_bar(callbacks: list[Callback], verbose: int, call: str) -> li
     call's own where ``verbose`` is not 0 (none at 0)."""
     bar = _progress_bar(callbacks, verbose, call)
     return [*(cb for cb in callbacks if cb is not bar), *([bar] if bar is not None else [])]
+
+
+#: The hooks of an evaluation's callbacks that may set ``model.stop_evaluating`` for it.
+_TEST_HOOKS = ("on_test_begin", "on_test_batch_begin", "on_test_batch_end")
+
+
+def _may_stop_evaluating(callbacks: list[Callback]) -> bool:
+    """Whether one of ``callbacks`` has a test hook of its own (its class's, or set on it, as
+    a LambdaCallback's), which may set ``model.stop_evaluating``: not a progress bar's."""
+    return any(getattr(hook, "__func__", hook) not in (getattr(Callback, name),
+                                                       getattr(ProgbarLogger, name))
+               for cb in callbacks for name in _TEST_HOOKS
+               for hook in (getattr(cb, name),))
+
+
+def _written_files(callbacks: list[Callback]) -> list[str]:
+    """The files that fit's ``callbacks`` write, as given: a BackupAndRestore's (or
+    ``fit(checkpoint=...)``'s) path, a ModelCheckpoint's filepath, a CSVLogger's filename."""
+    return [os.fspath(cb.path if isinstance(cb, BackupAndRestore) else
+                      cb.filepath if isinstance(cb, ModelCheckpoint) else cb.filename)
+            for cb in callbacks if isinstance(cb, BackupAndRestore | ModelCheckpoint | CSVLogger)]
 
 
 def _progress_bar(callbacks: list[Callback], verbose: int, call: str) -> ProgbarLogger | None:
@@ -749,7 +771,8 @@ class Trainer(TrainingStep):
                         data, validation, class_weights, distributed.fit_arguments(
                             epochs, initial_epoch, steps_per_epoch, validation_steps,
                             validation_freq, [cb for cb in callbacks
-                                              if cb is not history and cb is not bar], seed))
+                                              if cb is not history and cb is not bar], seed,
+                            _written_files(callbacks)))
                     self._parallel.broadcast_weights()
                 if initial_epoch < epochs:
                     self._refuse_unready(data, initial_epoch, resuming=any(
@@ -841,9 +864,11 @@ class Trainer(TrainingStep):
         except NonFiniteError as error:
             if not cbs.on_non_finite(error):
                 raise
+            if parallel is not None:  # (ended inside an epoch, whose end averages them: the
+                parallel.average_state()  # ranks kept their own BatchNorm statistics)
         finally:
             self._end_fit()
-        cbs.on_train_end(logs)
+        self._callbacks_end(cbs, logs, parallel)
         return self.history
 
     def _callbacks_begin(self, cbs: CallbackList) -> None:
@@ -861,6 +886,21 @@ class Trainer(TrainingStep):
         # (a checkpoint that rank 0 alone finds, on a node-local disk: refused before a step)
         self._parallel.check_same_start(self._resume_at, [
             cb.path for cb in cbs.callbacks if isinstance(cb, BackupAndRestore)])
+
+    def _callbacks_end(self, cbs: CallbackList, logs: dict[str, float],
+                       parallel: distributed.DataParallel | None) -> None:
+        """``on_train_end``; on several ranks (``parallel``), each learns whether it failed on
+        any (failing on one alone, it left the others' fit returning, and their next exchange
+        waiting for that rank until the timeout)."""
+        if parallel is None:
+            cbs.on_train_end(logs)
+            return
+        error = None
+        try:
+            cbs.on_train_end(logs)
+        except Exception as e:  # (raised again on this rank, after the others learn of it)
+            error = e
+        parallel.agree(error, "the callbacks' on_train_end")
 
     def _end_fit(self) -> None:
         """What fit set up for its steps ends with it: its class weights (steps outside fit
@@ -1173,11 +1213,24 @@ class Trainer(TrainingStep):
         """Mean ``loss`` and metrics of ``data``; ``epoch``: fit's, when it is the validation
         data (its progress bar, a ProgbarLogger among ``cbs``, shows none then). A callback's
         ``model.stop_evaluating = True`` ends it after the current batch, as in Keras 3: the
-        means are those of the batches seen."""
+        means are those of the batches seen (on several ranks, set on any, it ends every
+        rank's after the same batch)."""
         xp = self.backend.xp
         kernels = kernels_for(self.backend)
         totals, steps = RunningTotals(self.backend, 0, len(self._top_ks)), 0
         logs = BatchLogs(cbs.lazy_test)
+        here = distributed.world()
+        # (on several ranks, where a callback may set stop_evaluating on any rank, the ranks
+        # agree on it after every batch: set on one alone, deciding on that rank's own
+        # running means, its prefix of the batches was summed with the others' whole passes;
+        # no exchange a batch where no callback has a test hook, a progress bar's aside)
+        agreeing = here.size > 1 and distributed.any_rank(
+            here, _may_stop_evaluating(cbs.callbacks),
+            "evaluate (whether a callback may stop it)" if epoch is None else
+            "fit (whether a callback may stop the validation)")
+        agreement = "evaluate (the agreement to stop)" if epoch is None else \
+            "fit (the validation's agreement to stop)"
+        stopped = False  # (this rank's batches ended by a stop, not run out)
         self.stop_evaluating = False
         cbs.on_test_begin()
         # (each batch in the compute scope, the callbacks outside it: see _fit_epoch; a
@@ -1203,17 +1256,27 @@ class Trainer(TrainingStep):
                 else:  # (no hook for this rank's empty part, but its bar counts the batch)
                     cbs.count_on_bars()
                 ctrl_c.raise_if_dropped()
+                if agreeing and distributed.agree_to_stop_evaluating(
+                        here, self.stop_evaluating, False, agreement)[0]:
+                    self.stop_evaluating = True
                 if self.stop_evaluating:
+                    stopped = True
                     break
             logs.settle()
+        while agreeing and not stopped:  # (this rank's batches ran out: it agrees with
+            # those whose iterables have more, after each of their batches, until they end
+            # or stop)
+            stop, ended = distributed.agree_to_stop_evaluating(here, False, True, agreement)
+            if stop:
+                self.stop_evaluating = True
+            if stop or ended:
+                break
         host, _ = totals.read()
         # on several ranks, each evaluated its slices: the sums are added up over the
         # ranks, and with them whether each ran out, after how many batches, so that all
         # decide alike (one alone stopping training left the others waiting)
-        here = distributed.world()
         short, counts = [0.0] * here.size, [0.0] * here.size
-        short[here.rank] = float(bool(data.steps) and steps < data.steps
-                                 and not self.stop_evaluating)
+        short[here.rank] = float(bool(data.steps) and steps < data.steps and not stopped)
         counts[here.rank] = float(steps)
         got = distributed.host_sum(
             here, [*totals.sums(host), totals.seen, *short, *counts],
