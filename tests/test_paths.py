@@ -217,3 +217,27 @@ def test_loading_a_folder_says_it_is_a_folder(tmp_path):
             load(tmp_path)
         with pytest.raises(DataFormatError, match="no such file"):
             load(tmp_path / "missing.npz")
+
+
+def test_a_path_starting_with_a_tilde_is_refused_unless_that_folder_exists(tmp_path,
+                                                                             monkeypatch):
+    """``model.save("~/models/m.npz")`` made a folder named ``~`` in the working folder (the
+    writers make missing folders; Python expands no ``~``): refused naming expanduser, before
+    any work. A folder of that name that exists is the user's: written there."""
+    from xpcnn.callbacks import CSVLogger
+
+    monkeypatch.chdir(tmp_path)
+    model = tiny_model()
+    x, y = data()
+    message = (r"starts with '~', which xpcnn does not expand .*: a folder of that name would be "
+               r"made here; give os.path.expanduser\('~/models/m")
+    for write in (lambda: model.save("~/models/m.npz"),
+                  lambda: model.fit(x, y, epochs=1, verbose=0, checkpoint="~/models/m.ckpt"),
+                  lambda: model.fit(x, y, epochs=1, verbose=0,
+                                    callbacks=[CSVLogger("~/models/m.csv")])):
+        with pytest.raises(InputError, match=message):
+            write()
+    assert not os.listdir(tmp_path)
+    os.mkdir("~")
+    model.save("~/models/m.npz")
+    assert os.path.isfile(tmp_path / "~" / "models" / "m.npz")
