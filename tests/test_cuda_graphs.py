@@ -118,7 +118,7 @@ def _runner(model, warmup=2):
     with pytest.MonkeyPatch.context() as mp:  # (NumPy: "not CuPy" otherwise)
         mp.setattr(step_module, "graph_blockers", lambda backend: [])
         graphs = model._step_graphs()
-    capture = FakeCapture(model._graph_arrays, model.layers, (model, model.loss))
+    capture = FakeCapture(model._graph_arrays, model.layers, (model, model.loss, model.optimizer))
     graphs.capture, graphs.warmup = capture, warmup
     return graphs, capture
 
