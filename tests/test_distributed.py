@@ -1482,14 +1482,17 @@ def test_a_dataloaders_distributed_sampler_is_told_each_epoch(where):
                               BatchSampler(sampler(), batch_size=4, drop_last=False))
     model = xpcnn.Sequential([Flatten(), Dense(3), Softmax()], seed=0)
     model.compile(optimizer="sgd")
-    model.fit(loader, epochs=3, verbose=0)
-    model.fit(loader, epochs=1, verbose=0)  # (epoch 3 of the sampler's)
-    expected = []
-    for epoch in range(4):
+    model.fit(loader, initial_epoch=2, epochs=4, verbose=0)
+    model.fit(loader, epochs=1, verbose=0)  # (epoch 4 of the sampler's)
+    # (the unbuilt model's first batch, drawn to build it before any epoch began, comes from a
+    # pass in the sampler's first order, which epoch 2 then draws again after its set_epoch:
+    # review R4, epoch 2 had that first order)
+    expected = list(sampler())[:4]
+    for epoch in (2, 3, 4):
         told = sampler()
         told.set_epoch(epoch)
         expected += list(told)
-    assert read == expected and read[:8] != read[8:16]
+    assert read == expected and read[4:12] != read[12:20]
 
 
 # -- top-k metrics: the counts summed over the ranks, as the correct count ----------------------
@@ -1726,6 +1729,28 @@ def one(index, case):  # (each case's model, data and checkpoint its own: run on
             got = [history.history[name][0] for name in ("val_loss", "val_accuracy")]
             first = model.evaluate(x[:8], y[:8], batch_size=4)
             said.append(f"rank {rank} validation stopped after the first batch: {got == first}")
+        elif case == "BatchNorm frozen mid-epoch":  # (on every rank, at its 4th step)
+            model = xpcnn.Sequential([Conv2D(4, 3), BatchNorm2D(), ReLU(), Flatten(), Dense(3),
+                                      Softmax()], seed=0)
+            model.compile(optimizer="sgd")
+            freeze = LambdaCallback(on_train_batch_begin=lambda batch, logs: batch == 3 and
+                                    setattr(model.layers[1], "trainable", False))
+            model.fit(x, y, batch_size=4, verbose=0, callbacks=[freeze])
+            said.append(f"rank {rank} weights {crc(model)}")
+            model.evaluate(x, y, batch_size=4)  # (was: refused, other weights on rank 1)
+            said.append(f"rank {rank} evaluated")
+        elif case == "TerminateOnNaN, NaN in rank 1's stream":  # (its own error, not a step's)
+            def stream():
+                for i in range(6):
+                    xb = x[4 * i:4 * i + 4].copy()
+                    xb[0, 0, 0, 0] = np.nan if rank == 1 and i == 2 else xb[0, 0, 0, 0]
+                    yield xb, y[4 * i:4 * i + 4]
+
+            model = xpcnn.Sequential([Conv2D(4, 3), BatchNorm2D(), ReLU(), Flatten(), Dense(3),
+                                      Softmax()], seed=0)
+            model.compile(optimizer="sgd")
+            model.build((None, 4, 4, 3))
+            model.fit(stream(), steps_per_epoch=6, verbose=0, callbacks=[TerminateOnNaN()])
         elif case == "TerminateOnNaN, BatchNorm":  # (a rate that overflows inside epoch 1)
             model = xpcnn.Sequential([Conv2D(4, 3), BatchNorm2D(), ReLU(), Flatten(), Dense(3),
                                       Softmax()], seed=0)
@@ -1805,7 +1830,9 @@ RANKS_APART_CASES = ["weights on rank 0", "stop at a step", "stop at a step, che
                      "fit nan on rank 1", "fit class_weight key on rank 1",
                      "evaluate label on rank 1", "broadcast to an unbuilt rank",
                      "evaluate mid-fit, BatchNorm", "stop evaluating on rank 0",
-                     "TerminateOnNaN, BatchNorm", "files of each rank's own",
+                     "TerminateOnNaN, BatchNorm", "TerminateOnNaN, NaN in rank 1's stream",
+                     "BatchNorm frozen mid-epoch",
+                     "files of each rank's own",
                      "on_train_end on rank 1", "learning rate on rank 1",
                      # (last: its refusal leaves a reduction unfinished on rank 0)
                      "freeze on rank 1"]
@@ -1830,7 +1857,10 @@ def test_what_differs_between_the_ranks_at_evaluate_or_a_stop_is_agreed_or_refus
     refused as fit starts, was an epoch and a wait for the timeout), and a layer frozen or a
     learning rate set on rank 1 alone (refused at that step: was a hang in the gradient
     allreduce, or weights apart, silently). TerminateOnNaN inside an epoch leaves every rank
-    with the same BatchNorm statistics (was: each rank's own, refused by evaluate)."""
+    with the same BatchNorm statistics (was: each rank's own, refused by evaluate); a NaN in
+    rank 1's own stream is its error, which TerminateOnNaN does not end quietly there alone:
+    every rank fails at once; a BatchNorm frozen mid-epoch on every rank has its statistics,
+    each rank's own until then, averaged at the epoch's end."""
     # (the cases one after the other in one job, each checked on its own lines, as
     # test_what_one_rank_refuses_or_ranks_build_apart_is_refused_on_every_rank does: a job a
     # case took ~1 s each to start; a case left waiting fails the job's time limit)
@@ -1859,6 +1889,18 @@ def _check_ranks_apart(case: str, lines: list[str]) -> None:
             f"rank {r} {did}" for r in (0, 1)
             for did in ("evaluated", "stopped inside an epoch: True")], lines
         assert lines[1].split("weights")[1] == lines[3].split("weights")[1], lines
+    elif case == "BatchNorm frozen mid-epoch":  # (review R4: its statistics, each rank's own
+        # until the freeze, were never averaged, and evaluate refused them as other weights)
+        assert [line.split(" weights")[0] for line in lines] == [
+            f"rank {r}{did}" for r in (0, 1) for did in (" evaluated", "")], lines
+        assert lines[1].split("weights")[1] == lines[3].split("weights")[1], lines
+    elif case == "TerminateOnNaN, NaN in rank 1's stream":  # (review R4: TerminateOnNaN
+        # ended rank 1's fit alone, whose average of the BatchNorm statistics met rank 0's next
+        # step, mismatched; before that, rank 0 waited for rank 1 until the timeout)
+        nan = "NonFiniteError: x holds NaN or infinite values: sample 0, the first such sample"
+        assert len(lines) == 2 and lines[0].startswith(
+            f"rank 0 refused: DistributedError: rank 1 of 2 failed in fit: {nan}"), lines
+        assert lines[1].startswith(f"rank 1 refused: {nan}"), lines
     elif case == "files of each rank's own":  # (was: an epoch, then a wait for the timeout)
         assert lines == [f"rank {r} refused: DistributedError: fit on several ranks was given "
                          "other files to write on rank(s) [1] than on rank 0 (a "

@@ -975,3 +975,22 @@ def test_a_loss_set_after_construction_is_checked_as_the_constructor_checks_it()
     assert type(model.loss) is SoftmaxCrossEntropy and model.loss is not loss
     x, y = np.random.default_rng(0).random((8, 4, 4, 1), np.float32), np.arange(8) % 3
     assert np.isfinite(model.fit(x, y, epochs=1, verbose=0).history["loss"][0])
+
+
+def test_only_a_losses_settings_count_as_changes_that_recapture_a_step():
+    """A change of a loss's setting (its constructor's) counts, for the CUDA graphs that baked
+    it in; an attribute a subclass writes at every step does not (each write counted made
+    every step a change: its steps were never captured, silently)."""
+
+    class Focal(SoftmaxCrossEntropy):
+        def __init__(self, gamma=2.0, label_smoothing=0.0):
+            super().__init__(label_smoothing)
+            self.gamma = gamma
+
+    loss, before = Focal(), SoftmaxCrossEntropy.settings_changes
+    for _ in range(3):
+        loss.last_batch = np.zeros(3)  # (a per-step record of its own)
+    loss.gamma = 2.0  # (set again unchanged)
+    assert SoftmaxCrossEntropy.settings_changes == before
+    loss.gamma, loss.label_smoothing = 3.0, 0.1
+    assert SoftmaxCrossEntropy.settings_changes == before + 2

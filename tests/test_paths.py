@@ -238,6 +238,9 @@ def test_a_path_starting_with_a_tilde_is_refused_unless_that_folder_exists(tmp_p
         with pytest.raises(InputError, match=message):
             write()
     assert not os.listdir(tmp_path)
+    model.fit(x, y, epochs=1, verbose=0, callbacks=[CSVLogger("~log.csv")])  # (a file's name:
+    model.save("~m.npz")  # review R4)
+    assert sorted(os.listdir(tmp_path)) == ["~log.csv", "~m.npz"]
     os.mkdir("~")
     model.save("~/models/m.npz")
     assert os.path.isfile(tmp_path / "~" / "models" / "m.npz")

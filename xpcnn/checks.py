@@ -593,8 +593,8 @@ def output_file(path: Any, what: str, replaced: bool = True) -> str:
     (they create the missing folders below it). Checked before any work, so that a long run
     does not fail at its first save."""
     path = file_path(path, what)
-    home = path.split(os.sep, 1)[0]
-    if home.startswith("~") and not os.path.exists(home):  # (a folder "~" would be made here)
+    home, sep, _ = path.partition(os.sep)  # (a folder "~" would be made here; not a file's
+    if sep and home.startswith("~") and not os.path.exists(home):  # name, "~log.csv")
         raise InputError(f"{what} {path!r} starts with {home!r}, which xpcnn does not expand "
                          "(no more than Python's open() does): a folder of that name would be "
                          f"made here; give os.path.expanduser({path!r}) for the home folder")

@@ -20,7 +20,8 @@ on four ranks; ``fit`` needs no change. As in ChainerMN, Horovod and PyTorch DDP
   rank at that step, naming the layer or the rates and the ranks: each rank's mark of its
   step (which layers it trained, its rate) goes in the agreement after it, and on CPU ranks
   in the step's sums too, compared before any bucket is waited for (buckets of other sizes
-  made the reductions erroneous: a hang, or a mix of gradients);
+  made the reductions erroneous: a hang, or a mix of gradients); GPU ranks compare them in
+  the agreement alone, after NCCL's reductions, which may wait on the device first;
 * random layers (Dropout, RandomFlip, RandomCrop) draw the numbers of the global batch and
   take their slice, so each sample gets the numbers it gets in one process;
 * ``evaluate`` and the training metrics are summed over the ranks (``evaluate`` refuses weights
@@ -933,6 +934,7 @@ class DataParallel:
         # trained, its buckets' (see _buckets), its learning rate and its number; a rate of -1
         # before any step)
         self.trained_mark: list[float] = []
+        self.moved: dict[int, Any] = {}  # (frozen since the last average_state: see there)
         self.step_lr, self.step_number = -1.0, 0
         self.buckets = self._buckets(tuple(model.trainable_layers))
         from .layers.base import RandomLayer
@@ -990,6 +992,10 @@ class DataParallel:
         every rank: see :meth:`_buckets`). Called once a step, before its sums: the step's
         learning rate and number are noted for the agreement after it (:meth:`agree_to_stop`)."""
         if self.buckets.layers is not trained and self.buckets.layers != trained:
+            # (a layer frozen now moved its statistics until now: averaged at the next
+            # average_state, whose rule leaves a frozen layer's alone)
+            self.moved.update((id(la), la) for la in self.buckets.layers
+                              if la.state and la.updates_state)
             self.buckets = self._buckets(trained, deferred=True)
         optimizer = self.model.optimizer
         self.step_lr, self.step_number = float(optimizer.lr), optimizer.iterations + 1
@@ -1208,7 +1214,11 @@ class DataParallel:
         kinds = [int(k) for k in got[:, 0]]
         views = [bytes(row[1:].astype(np.uint8)).rstrip(b"\0").decode(errors="ignore")
                  for row in got]
-        raise _agreed_non_finite(here, error, kinds, views)
+        agreed = _agreed_non_finite(here, error, kinds, views)
+        # (raised on every rank alike: fit, ending quietly on it (TerminateOnNaN), may make
+        # one more exchange on every rank, which a rank's own error cannot)
+        agreed.on_every_rank = True  # type: ignore[attr-defined]
+        raise agreed
 
     def broadcast_weights(self) -> None:
         """Every rank takes rank 0's weights (its parameters and BatchNorm statistics)."""
@@ -1221,9 +1231,11 @@ class DataParallel:
         A frozen built-in layer's are left alone: it runs in inference mode and never changes
         them (rank 0's were broadcast at the start), and the average of equal values is not
         always that value in floating point (three alike float64 statistics, summed and
-        divided by 3, moved by an ulp at each epoch's end); so are state that training never
-        moves (``updates_state`` False: adapted statistics)."""
-        layers = [la for la in self.model.layers if la.moves_state]
+        divided by 3, moved by an ulp at each epoch's end), except where it was frozen since
+        the last average (its statistics moved, each rank's its own, until then); so are state
+        that training never moves (``updates_state`` False: adapted statistics)."""
+        layers = [la for la in self.model.layers if la.moves_state or id(la) in self.moved]
+        self.moved.clear()
         if not layers:
             return
         from mpi4py import MPI

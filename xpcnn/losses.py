@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import inspect
 import numbers
 from typing import Any
@@ -85,6 +86,12 @@ def _same_value(a: Any, b: Any) -> bool:
         return a is b
 
 
+@functools.cache
+def _settings_of(cls: type) -> frozenset[str]:
+    """The settings of loss class ``cls``: its constructor's parameters and the base's."""
+    return frozenset(("label_smoothing", "from_logits", *named_parameters(cls.__init__)))
+
+
 def _same_settings(a: Any, b: Any) -> bool:
     """Whether two losses hold the same attributes."""
     return vars(a).keys() == vars(b).keys() and all(
@@ -131,9 +138,10 @@ class SoftmaxCrossEntropy:
     """
 
     name = "cross_entropy"
-    #: Changes of any loss's attributes once set (its label_smoothing, a subclass's own), as
-    #: :attr:`Layer.settings_changes` counts a layer's: a training step captured in a CUDA
-    #: graph baked the old value in, and is captured again.
+    #: Changes of any loss's settings once set (its label_smoothing, those a subclass's
+    #: constructor takes), as :attr:`Layer.settings_changes` counts a layer's: a training step
+    #: captured in a CUDA graph baked the old value in, and is captured again (not any other
+    #: attribute: one a subclass writes at every step would capture every step again).
     settings_changes = 0
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
@@ -165,7 +173,7 @@ class SoftmaxCrossEntropy:
             raise InputError(f"from_logits must be True, False or None, got {value!r}")
         had, old = name in vars(self), vars(self).get(name)
         super().__setattr__(name, value)
-        if had and not _same_value(old, value):
+        if had and name in _settings_of(type(self)) and not _same_value(old, value):
             SoftmaxCrossEntropy.settings_changes += 1
 
     def get_config(self) -> dict[str, Any]:

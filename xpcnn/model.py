@@ -1524,9 +1524,9 @@ def _check_export_keywords(format: Any, input_signature: Any, kwargs: dict[str, 
                          "does not take: the file takes (N, H, W, C) images of the model's "
                          "input shape, any N, of the dtype input_dtype= says")
     for key in ("opset", "opset_version", "target_opset"):
-        if key in kwargs:
-            raise InputError(f"export({key}={kwargs[key]!r}): xpcnn's export writes ONNX "
-                             f"opset {opset}; leave {key} out")
+        if key in kwargs and kwargs.pop(key) != opset:  # (its own opset: taken)
+            raise InputError(f"export({key}=...): xpcnn's export writes ONNX opset {opset}; "
+                             f"leave {key} out")
     if kwargs:
         raise InputError(f"export() got an unexpected keyword argument {next(iter(kwargs))!r} "
                          "(it takes path, input_dtype, and Keras' format and verbose)")

@@ -22,7 +22,7 @@ import sys
 import threading
 import traceback
 import weakref
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
 from ..errors import InputError, add_note
@@ -169,6 +169,8 @@ class IterableBatches(Batches):
         backend = self.model.backend
         if self.iterator is None:
             first, self._first = self._first, None
+            if first is not None and _sampler_epochs(self.data):  # (that pass was drawn
+                first = None  # before its sampler was told this epoch: drawn again)
             if first is None:  # (a pass of its own: the reader a stopped call left ends first)
                 wait_for_reader(self.data, self.what)
                 _begin_sampler_epoch(self.data, epoch)
@@ -256,21 +258,27 @@ class IterableBatches(Batches):
 _NONE = object()
 
 
-def _begin_sampler_epoch(data: Any, epoch: int) -> None:
-    """Tell the sampler of ``data`` (a PyTorch DataLoader's, or its batch sampler's: a
-    ``DistributedSampler``, the DDP habit) that epoch ``epoch`` begins (fit's epochs numbered
-    on across its calls, as their shuffling orders are; 0 for evaluate), as DDP loops,
-    Lightning and Accelerate do, before the pass draws its order: it shuffles by its seed
-    plus that number, and without it every epoch had the first one's order, silently. Each
-    sampler that has a ``set_epoch`` is told once."""
+def _sampler_epochs(data: Any) -> list[Callable[[int], Any]]:
+    """The ``set_epoch`` of each sampler of ``data`` (a PyTorch DataLoader's, or its batch
+    sampler's: a ``DistributedSampler``), once each."""
     batch_sampler = getattr(data, "batch_sampler", None)
-    told: set[int] = set()
+    found: dict[int, Callable[[int], Any]] = {}
     for sampler in (getattr(data, "sampler", None), batch_sampler,
                     getattr(batch_sampler, "sampler", None)):
         set_epoch = getattr(sampler, "set_epoch", None)
-        if callable(set_epoch) and id(sampler) not in told:
-            told.add(id(sampler))
-            set_epoch(epoch)
+        if callable(set_epoch):
+            found.setdefault(id(sampler), set_epoch)
+    return list(found.values())
+
+
+def _begin_sampler_epoch(data: Any, epoch: int) -> None:
+    """Tell the samplers of ``data`` (:func:`_sampler_epochs`: a ``DistributedSampler``, the
+    DDP habit) that epoch ``epoch`` begins (fit's epochs numbered on across its calls, as their
+    shuffling orders are; 0 for evaluate), as DDP loops, Lightning and Accelerate do, before
+    the pass draws its order: it shuffles by its seed plus that number, and without it every
+    epoch had the first one's order, silently."""
+    for set_epoch in _sampler_epochs(data):
+        set_epoch(epoch)
 
 
 def _popped(pending: collections.deque[Any]) -> Iterator[Any]:

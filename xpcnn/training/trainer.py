@@ -862,7 +862,12 @@ class Trainer(TrainingStep):
                     if self.stop_training if parallel is None else parallel.agreed_stop():
                         break
         except NonFiniteError as error:
-            if not cbs.on_non_finite(error):
+            # (on several ranks, one raised on every rank alike (a step's, agreed) may end fit
+            # quietly (TerminateOnNaN); a rank's own (a NaN in its data) is raised, which ends
+            # fit on every rank at once: ended on that rank alone, the others waited for it in
+            # their next step until the timeout)
+            agreed = parallel is None or getattr(error, "on_every_rank", False)
+            if not agreed or not cbs.on_non_finite(error):
                 raise
             if parallel is not None:  # (ended inside an epoch, whose end averages them: the
                 parallel.average_state()  # ranks kept their own BatchNorm statistics)
