@@ -256,14 +256,17 @@ _NO_MOMENTUM_CYCLE = ("xpcnn's OneCycle schedules the learning rate only (PyTorc
 _KERAS_WARMUP = ("xpcnn's warm-up wraps the schedule: LinearWarmup(CosineDecay(warmup_target, "
                  "decay_steps), warmup_steps), which rises from warmup_target / warmup_steps")
 _NO_SCHEDULE_NAME = "xpcnn's schedules have no name (files name them by class)"
-#: The arguments of Keras' CosineDecay and of PyTorch's StepLR and OneCycleLR that xpcnn's
-#: schedules take under another name (xpcnn's name), or do not take: (their default, xpcnn's
-#: behaviour, taken; what instead of another value). ``positional``: Keras' names of the
-#: positional arguments after xpcnn's (CosineDecay's third is Keras' alpha, no rate).
+#: The arguments of Keras' CosineDecay and of PyTorch's StepLR, CosineAnnealingLR and
+#: OneCycleLR that xpcnn's schedules take under another name (xpcnn's name), or do not take:
+#: (their default, xpcnn's behaviour, taken; what instead of another value). ``positional``:
+#: Keras' names of the positional arguments after xpcnn's (CosineDecay's third is Keras'
+#: alpha, no rate). (Steps, as PyTorch's where it steps every batch: one stepped once an
+#: epoch, T_max epochs, is T_max * steps_per_epoch steps here; fit warns of the other.)
 PORTED_SCHEDULE_ARGUMENTS: dict[str, dict[str, Any]] = {
     "StepDecay": {"last_epoch": ((-1,), "a checkpoint resumes a schedule at its step")},
     "CosineDecay": {
-        "initial_learning_rate": "lr",
+        "initial_learning_rate": "lr", "T_max": "decay_steps", "eta_min": "min_lr",
+        "last_epoch": ((-1,), "a checkpoint resumes a schedule at its step"),
         "alpha": ((0, 0.0), "Keras' alpha is a fraction of lr, xpcnn's min_lr a rate: "
                             "CosineDecay(lr, decay_steps, min_lr=alpha * lr)"),
         "name": ((None, "CosineDecay"), _NO_SCHEDULE_NAME),

@@ -65,7 +65,7 @@ from ..layers.base import Layer
 from ..layers.preprocessing import Normalization
 from ..losses import SoftmaxCrossEntropy, get_loss
 from ..ops.kernels import compute_scope, kernels_for
-from ..optim import Optimizer, get_optimizer
+from ..optim import Constant, Optimizer, get_optimizer
 from ..passes import exclusive_if
 from ..saving.checkpoint import checkpoint_config
 from ..saving.model_file import adapt_to_file
@@ -129,6 +129,30 @@ def _together(call: str) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
                 return method(self, *args, **kwargs)
         return together
     return wrap
+
+
+def _warn_if_the_schedule_ends_in_an_epoch(optimizer: Optimizer | None, steps: int | None,
+                                           epochs: int) -> None:
+    """Warn where the learning-rate schedule falls below a tenth of its rate within the first
+    epoch of a fit of several: a PyTorch scheduler ported literally (``StepLR(1,
+    0.7)``, ``CosineAnnealingLR(T_max=epochs)``, stepped once an epoch there) counts optimiser
+    steps here, and its rate reached 0 in the first epoch, the rest of the fit learning
+    nothing, silently."""
+    if optimizer is None or not steps or epochs < 2 or type(optimizer.schedule) is Constant:
+        return
+    start, schedule = optimizer.iterations, optimizer.schedule
+    try:  # (a user's schedule that fails says so at its step, not here)
+        peak = max(float(schedule(start + k)) for k in range(0, steps, max(1, steps // 64)))
+        end = float(schedule(start + steps))
+    except Exception:  # noqa: BLE001
+        return
+    if math.isfinite(peak) and peak > 0 and end < peak / 10:
+        warn(f"the learning-rate schedule {type(schedule).__name__} falls from {peak:.3g} to "
+             f"{end:.3g} within the first epoch ({steps} steps) of this {epochs}-epoch fit: "
+             "xpcnn's schedules count optimiser steps, not epochs (PyTorch's StepLR(step_size) "
+             "and CosineAnnealingLR(T_max) stepped once an epoch are StepDecay(lr, step_size "
+             "* steps_per_epoch) and CosineDecay(lr, T_max * steps_per_epoch); a rate an epoch "
+             "is LearningRateScheduler(lambda epoch: ...))")
 
 
 def _with_progress_bar(callbacks: list[Callback], verbose: int, call: str) -> list[Callback]:
@@ -755,6 +779,8 @@ class Trainer(TrainingStep):
                       # (whose files checkpoints record: a resumed run drops later rows)
                       "csv_loggers": [cb for cb in callbacks if isinstance(cb, CSVLogger)]}
             cbs = CallbackList(callbacks, self, params)
+            _warn_if_the_schedule_ends_in_an_epoch(self.optimizer, data.steps,
+                                                   epochs - initial_epoch)
             self.stop_training, self._resume_at = False, None
             # (a checkpoint resumed by on_train_begin puts back its run's offset instead)
             self._epoch_offset = max(0, self._epochs_begun - initial_epoch)
