@@ -102,7 +102,8 @@ def test_calling_a_model_on_a_batch_gives_predicts_outputs_in_inference_mode(dat
     np.testing.assert_allclose(logits, x.reshape(7, -1) @ kernel + bias, rtol=1e-12)
     with pytest.raises(InputError, match="^model 'sequential.*' called with training=True: a "
                                          "model call runs it for inference; fit, "
-                                         "train_on_batch and train_step train it$"):
+                                         r"train_on_batch and train_step train it\. A "
+                                         r"training pass's output is model\.layer_outputs"):
         model(x, training=True)
     with pytest.raises(InputError, match="^model\\(x\\) runs the model on one batch of "
                                          "arrays, got generator; predict\\(x\\) reads"):

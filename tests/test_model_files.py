@@ -1258,3 +1258,144 @@ def test_a_loaded_models_optimiser_takes_new_settings_and_refuses_a_schedule_by_
             set_it(optim.CosineDecay(0.05, 100))
     fresh.lr = 0.05
     assert fresh.lr == 0.05 and isinstance(fresh.schedule, optim.Constant)
+
+
+# -- Keras' file names and saving keywords ---------------------------------------------------
+
+
+@pytest.mark.parametrize("name", ["m.keras", "w.weights.h5", "m.h5", "m.hdf5", "M.KERAS"])
+def test_xpcnns_writers_refuse_keras_file_names_before_any_work(tmp_path, name):
+    """``model.save("m.keras")``, ``save_weights("w.weights.h5")`` and
+    ``ModelCheckpoint("save_at_{epoch}.keras")`` wrote xpcnn's .npz under Keras' names, which
+    Keras then failed to read (H17's f1_save_suffix.py); refused, saying so and what to give."""
+    model = tiny_model()
+    path = tmp_path / name
+    stem, suffix = name.rsplit(".", 1)
+    said = (rf" {str(path)!r} ends in '\.{suffix}', as Keras' files are named: xpcnn writes "
+            r"its own \.npz files, which Keras does not read; give a name ending in \.npz "
+            rf"\({str(tmp_path / stem) + '.npz'!r}, say\) or any other name$")
+    for write, what in ((model.save, "the model file"), (model.save_weights, "the weights file")):
+        with pytest.raises(InputError, match=f"^{what}" + said):
+            write(path)
+    template = str(tmp_path / ("save_at_{epoch}." + suffix))
+    with pytest.raises(InputError, match=r"^ModelCheckpoint filepath .* ends in"):
+        xpcnn.callbacks.ModelCheckpoint(template)
+    with pytest.raises(InputError, match=r"^ModelCheckpoint filepath .* ends in"):
+        xpcnn.callbacks.ModelCheckpoint(template, save_weights_only=True)
+    with pytest.raises(InputError, match="^checkpoint" + said):
+        xpcnn.callbacks.BackupAndRestore(path)
+    x, y = np.zeros((4, 2, 2, 1), np.float32), np.zeros(4, int)
+    with pytest.raises(InputError, match="^checkpoint" + said):
+        model.fit(x, y, checkpoint=path, verbose=0)
+    assert os.listdir(tmp_path) == [] and model.optimizer.iterations == 0
+    for other in ("m.npz", "no_suffix", "m.keras.npz", "m.h5x"):  # (any other name: written)
+        model.save(tmp_path / other)
+        model.save_weights(tmp_path / ("w" + other))
+    assert len(os.listdir(tmp_path)) == 8
+
+
+def test_keras_saving_keywords_at_their_defaults_are_taken(tmp_path):
+    """Keras 3's ``save(path, overwrite=True)``, ``save_weights(path, overwrite=True)``,
+    ``load_weights(path, skip_mismatch=False)`` and ``load_model(path, custom_objects=None,
+    compile=True, safe_mode=True)`` were a bare TypeError (H17's f3_saving_kwargs.py)."""
+    model = tiny_model()
+    path = tmp_path / "m.npz"
+    model.save(path, overwrite=True)
+    model.save(path, True, None)  # (Keras' positional order: filepath, overwrite, zipped)
+    model.save(path, zipped=True)
+    model.save_weights(tmp_path / "w.npz", overwrite=True, max_shard_size=None)
+    model.load_weights(tmp_path / "w.npz", skip_mismatch=False)
+    for kept in (None, {}):
+        xpcnn.load_model(path, custom_objects=kept, compile=True, safe_mode=True)
+    assert xpcnn.load_model(path, compile=False, safe_mode=True).optimizer is None
+
+
+def test_other_values_of_keras_saving_keywords_are_refused_naming_xpcnns_way(tmp_path):
+    model = tiny_model()
+    path = tmp_path / "m.npz"
+    with pytest.raises(InputError, match=r"^save\(overwrite=False\): Keras then asks before "
+                                         r"replacing a file; xpcnn's save always replaces it, "
+                                         r"atomically .*: to keep a file, check "
+                                         r"os\.path\.exists\(path\) first"):
+        model.save(path, overwrite=False)
+    with pytest.raises(InputError, match=r"^save_weights\(overwrite=False\): "):
+        model.save_weights(path, overwrite=False)
+    with pytest.raises(InputError, match=r"^save's overwrite must be True or False, got 'no'"):
+        model.save(path, overwrite="no")
+    with pytest.raises(InputError, match=r"^save\(zipped=False\): Keras' folder form; xpcnn "
+                                         r"writes one \.npz file"):
+        model.save(path, zipped=False)
+    with pytest.raises(InputError, match=r"^save_weights\(max_shard_size=5\): xpcnn writes "
+                                         r"the weights as one file, never sharded"):
+        model.save_weights(path, max_shard_size=5)
+    assert os.listdir(tmp_path) == []
+    model.save(path)
+    with pytest.raises(InputError, match=r"^load_model\(custom_objects=\{'Gate': 1\}\): xpcnn "
+                                         r"finds the classes a file names by their names, "
+                                         r"each registered where it is defined .*: define or "
+                                         r"import them before load_model and leave "
+                                         r"custom_objects out"):
+        xpcnn.load_model(path, custom_objects={"Gate": 1})
+    with pytest.raises(InputError, match=r"^load_model\(safe_mode=False\): .*xpcnn's files "
+                                         r"hold none, and load without pickle"):
+        xpcnn.load_model(path, safe_mode=False)
+    before = model.get_weights()
+    with pytest.raises(InputError, match=r"^load_weights\(skip_mismatch=True\): xpcnn's "
+                                         r"load_weights loads every layer or none, .*: "
+                                         r"model\.get_layer\(name\)\.set_weights\(xpcnn\."
+                                         r"load_model\(path\)\.get_layer\(name\)\."
+                                         r"get_weights\(\)\)$"):
+        model.load_weights(path, skip_mismatch=True)
+    for a, b in zip(before, model.get_weights(), strict=True):
+        np.testing.assert_array_equal(a, b)
+    # (the way named, run: a model with a layer more takes tiny_model's "dense")
+    wider = xpcnn.Sequential([Flatten(name="flatten"), Dense(2, name="dense"), Dense(3)],
+                             input_shape=(2, 2, 1), seed=5)
+    wider.get_layer("dense").set_weights(xpcnn.load_model(path).get_layer("dense").get_weights())
+    for a, b in zip(wider.get_layer("dense").get_weights(), before, strict=True):
+        np.testing.assert_array_equal(a, b)
+
+
+def _mlp(dropout: bool, extra: bool = False) -> xpcnn.Model:
+    """Keras' guide's three-layer MLP (keras.io's "Save, serialize and export" guide), with a
+    Dropout or a Dense more."""
+    inputs = xpcnn.Input((12,))
+    x = Dense(8, activation="relu", name="dense_1")(inputs)
+    x = Dense(8, activation="relu", name="dense_2")(x)
+    if dropout:
+        x = xpcnn.layers.Dropout(0.5)(x)
+    if extra:
+        x = Dense(8, name="dense_3")(x)
+    return xpcnn.Model(inputs, Dense(4, name="predictions")(x), seed=int(dropout))
+
+
+def test_load_weights_of_another_architecture_names_set_weights_where_it_works(tmp_path):
+    """A file of the model with a Dropout more was refused by load_weights with no way forward
+    (H17's s5c_guide.py); still refused, naming the way that loads the weights, which works."""
+    path = tmp_path / "drop.npz"
+    _mlp(dropout=True).save_weights(path)
+    plain = _mlp(dropout=False)
+    before = plain.get_weights()
+    with pytest.raises(DataFormatError, match=(
+            r"holds a model of another architecture: its layer 2 is Dropout\(.*\); its layers "
+            r"with weights are this model's, with weights of the same shapes \(it has layers "
+            r"without weights more or fewer\): model\.set_weights\(xpcnn\.load_model\("
+            + repr(str(path)).replace(".", r"\.") + r"\)\.get_weights\(\)\) loads them$")):
+        plain.load_weights(path)
+    for a, b in zip(before, plain.get_weights(), strict=True):  # (refused: nothing loaded)
+        np.testing.assert_array_equal(a, b)
+    plain.set_weights(xpcnn.load_model(path).get_weights())
+    for a, b in zip(_mlp(dropout=True).get_weights(), plain.get_weights(), strict=True):
+        np.testing.assert_array_equal(a, b)
+    other = tmp_path / "extra.npz"  # (weights of other shapes or count: no such advice)
+    _mlp(dropout=False, extra=True).save_weights(other)
+    with pytest.raises(DataFormatError, match="another architecture") as refused:
+        plain.load_weights(other)
+    assert "set_weights" not in str(refused.value)
+    inputs = xpcnn.Input((12,))  # (weights of the same shapes, a layer of other settings: none)
+    x = Dense(8, name="dense_1")(inputs)  # (no ReLU fused: another model)
+    x = xpcnn.layers.Dropout(0.5)(Dense(8, activation="relu", name="dense_2")(x))
+    xpcnn.Model(inputs, Dense(4, name="predictions")(x)).save_weights(other)
+    with pytest.raises(DataFormatError, match="another architecture") as refused:
+        plain.load_weights(other)
+    assert "set_weights" not in str(refused.value)

@@ -80,7 +80,7 @@ from .saving.checkpoint import (
     progress_within,
     states_entry,
 )
-from .saving.model_file import config_entry, model_config
+from .saving.model_file import config_entry, model_config, refuse_keras_suffix
 
 
 class Callback:
@@ -1013,6 +1013,7 @@ class ModelCheckpoint(_Monitor):
                  initial_value_threshold: float | None = None) -> None:
         super().__init__(monitor, mode, watched=save_best_only is True)
         self.filepath = checks.file_path(filepath, "ModelCheckpoint filepath")
+        refuse_keras_suffix(self.filepath, "ModelCheckpoint filepath")  # (before any epoch)
         self.save_best_only = checks.flag(save_best_only, "save_best_only")
         self.save_weights_only = checks.flag(save_weights_only, "save_weights_only")
         if not is_save_freq(save_freq):
@@ -1222,6 +1223,7 @@ class BackupAndRestore(Callback):
                  *, resume: bool = True, delete_checkpoint: bool = True) -> None:
         super().__init__()
         path = checks.file_path(path, "checkpoint")
+        refuse_keras_suffix(path, "checkpoint")  # (fit(checkpoint=...)'s too)
         if not is_save_freq(save_freq):
             raise InputError(f"BackupAndRestore save_freq must be 'epoch' or a positive number "
                              f"of steps, got {save_freq!r}")

@@ -5,7 +5,7 @@ from __future__ import annotations
 import functools
 import inspect
 import numbers
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import array_api_compat
 import numpy as np
@@ -25,7 +25,7 @@ from .checks import (
     unsaved_settings,
     untaken_settings,
 )
-from .errors import InputError
+from .errors import InputError, keras_names
 from .ops.kernels import class_weighted
 from .ops.softmax import (
     cross_entropy,
@@ -484,3 +484,39 @@ def get_loss(loss: str | SoftmaxCrossEntropy) -> SoftmaxCrossEntropy:
                          "differentiation to take the gradient of a loss written as a "
                          "function of y_pred (super().forward(xp, logits, y, dtype, weights) "
                          "gives the cross-entropy and its gradient)" if callable(loss) else ""))
+
+
+_CROSS_ENTROPY = (
+    "xpcnn's loss is SoftmaxCrossEntropy, for integer labels and one-hot rows alike: "
+    "{cls}(from_logits=True) is SoftmaxCrossEntropy(from_logits=True), and compile(loss="
+    "'{function}') takes the name")
+_FUNCTION = (
+    "xpcnn's is the loss object's call, SoftmaxCrossEntropy(from_logits=...)(y_true, y_pred): "
+    "the batch's mean (Keras' function gives each sample's loss); compile(loss='{function}') "
+    "takes the name")
+_BINARY = ("xpcnn has no sigmoid (binary) loss: for two classes, end the model in Dense(2) and "
+           "use SoftmaxCrossEntropy (compile(loss='sparse_categorical_crossentropy')) with "
+           "labels 0 and 1")
+_CLASSIFIER = "xpcnn trains classifiers: its one loss is SoftmaxCrossEntropy"
+
+#: Keras 3's loss names that xpcnn lacks: (the xpcnn names the advice gives, which exist, the
+#: advice). Not aliases: xpcnn has one loss.
+KERAS_NAMES: dict[str, tuple[tuple[str, ...], str]] = {
+    **{cls: (("SoftmaxCrossEntropy",), _CROSS_ENTROPY.format(cls=cls, function=function))
+       for cls, function in (("SparseCategoricalCrossentropy", "sparse_categorical_crossentropy"),
+                             ("CategoricalCrossentropy", "categorical_crossentropy"))},
+    **{function: (("SoftmaxCrossEntropy",), _FUNCTION.format(function=function))
+       for function in ("sparse_categorical_crossentropy", "categorical_crossentropy")},
+    "BinaryCrossentropy": (("SoftmaxCrossEntropy",), _BINARY),
+    "binary_crossentropy": (("SoftmaxCrossEntropy",), _BINARY),
+    **{name: (("SoftmaxCrossEntropy",), _CLASSIFIER)
+       for name in ("MeanSquaredError", "mean_squared_error", "MeanAbsoluteError", "Huber")},
+    "Loss": (("SoftmaxCrossEntropy",), (
+        "a loss of one's own subclasses SoftmaxCrossEntropy, overriding " + _HOOK
+        + ", as xpcnn has no automatic differentiation")),
+}
+
+
+
+if not TYPE_CHECKING:  # (hidden from type checkers, which then still flag a typo)
+    __getattr__ = keras_names(__name__, KERAS_NAMES, "Keras' name")

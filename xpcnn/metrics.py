@@ -16,10 +16,10 @@ for files); :func:`xpcnn.ops.softmax.top_k_counts` counts.
 from __future__ import annotations
 
 import numbers
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from .checks import defined_by, refuse_keyed
-from .errors import InputError
+from .errors import InputError, keras_names
 
 #: The names compile takes for the accuracy (argmax at the target's class): Keras' too, whose
 #: "accuracy" means one of the last two, as the labels are.
@@ -243,3 +243,25 @@ def slots(metrics: tuple[Metric, ...]) -> tuple[int, ...]:
     """Where each metric's sum is among [loss, correct, top-k counts in ``top_k_of`` order]."""
     ks = top_k_of(metrics)
     return tuple(2 + ks.index(m.k) if isinstance(m, _TopK) else 1 for m in metrics)
+
+
+_ACCURACY = ("xpcnn's accuracy is a name, not a class: compile(metrics=['accuracy']) (or 'acc', "
+             "'sparse_categorical_accuracy', 'categorical_accuracy', logged under the name "
+             "given), for integer labels and one-hot rows alike")
+_OFFERED = ("xpcnn counts the accuracy (compile(metrics=['accuracy'])) and the top-k "
+            "accuracies (SparseTopKCategoricalAccuracy, TopKCategoricalAccuracy); compute "
+            "another from predict, in a callback")
+
+#: Keras 3's metric names that xpcnn lacks: (the xpcnn names the advice gives, which exist,
+#: the advice). Not aliases: each metric has one name, and this says which.
+KERAS_NAMES: dict[str, tuple[tuple[str, ...], str]] = {
+    "SparseCategoricalAccuracy": ((), _ACCURACY),
+    "CategoricalAccuracy": ((), _ACCURACY),
+    **{name: (("SparseTopKCategoricalAccuracy", "TopKCategoricalAccuracy"), _OFFERED)
+       for name in ("Precision", "Recall", "AUC", "F1Score", "BinaryAccuracy")},
+}
+
+
+
+if not TYPE_CHECKING:  # (hidden from type checkers, which then still flag a typo)
+    __getattr__ = keras_names(__name__, KERAS_NAMES, "Keras' name")

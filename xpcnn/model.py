@@ -38,7 +38,14 @@ from .layers.weight import Weight
 from .ops.kernels import compute_scope, kernels_for
 from .passes import PASSES, exclusive_if
 from .saving import load_weights, register_model, save_model
-from .saving.model_file import FORMAT, VERSION, layers_from_config, record_layer_classes
+from .saving.model_file import (
+    FORMAT,
+    VERSION,
+    check_save_keywords,
+    check_skip_mismatch,
+    layers_from_config,
+    record_layer_classes,
+)
 from .structure import check_classifier, check_structure, final_softmax
 from .training import Trainer
 
@@ -276,7 +283,8 @@ class Model(Trainer):
         """On a batch of arrays: the model's outputs for it in inference mode, as
         :meth:`predict_on_batch` gives them but left on the model's device, in its namespace
         (as Keras' ``model(x)``). ``training=True`` is refused: ``fit``, ``train_on_batch``
-        and ``train_step`` train.
+        and ``train_step`` train; the error names :meth:`layer_outputs`, and for random
+        augmentations the layers called in turn.
 
         On a symbolic tensor: calls every layer of this model on it, so that the model
         becomes part of a functional :class:`Model` (its layers are shared: training that
@@ -293,9 +301,19 @@ class Model(Trainer):
             x = x[0]
         if not isinstance(x, SymbolicTensor):
             if training:
+                # (Keras' data_augmentation(images, training=True): in a chain of random
+                # augmentations, the layers called in turn draw anew at each call)
+                augments = all(ins == (k,) for k, ins in enumerate(self._inbound())) and any(
+                    la.training_when_called for la in self.layers)
                 raise InputError(f"model {self.name!r} called with training={training!r}: a "
                                  "model call runs it for inference; fit, train_on_batch and "
-                                 "train_step train it")
+                                 "train_step train it. A training pass's output is "
+                                 "model.layer_outputs(x, training=True)[-1] (the model left "
+                                 "as it was: the same draws at each call)" + (
+                                     "; to augment images afresh at each call, call the "
+                                     "layers in turn (a layer called on a batch augments): "
+                                     "for layer in model.layers: x = layer(x)"
+                                     if augments else ""))
             return self._outputs_of_batch(x)
         refuse_training_in_graph(f"model {self.name!r}", training)
         if not self.built and self.layers:
@@ -1023,18 +1041,25 @@ class Model(Trainer):
         for la, pairs in zip(self.layers, checked, strict=True):
             la.assign_weights(pairs)
 
-    def save_weights(self, path: str | os.PathLike[str]) -> None:
+    def save_weights(self, path: str | os.PathLike[str], overwrite: bool = True,
+                     max_shard_size: Any = None) -> None:
         """Write the weights alone to ``path`` (an .npz, as :meth:`save` writes, without the
         optimiser and compile settings), as this model runs them: :meth:`load_weights` reads
         them back, checking the architecture the file also holds (and
-        :func:`~xpcnn.saving.load_model` rebuilds the model from it, uncompiled)."""
+        :func:`~xpcnn.saving.load_model` rebuilds the model from it, uncompiled). A name
+        ending in Keras' ``.keras``, ``.h5`` or ``.hdf5`` is refused (Keras would not read the
+        file). Keras' ``overwrite=True`` and ``max_shard_size=None`` are taken (a file at
+        ``path`` is replaced, atomically; one file); other values are refused."""
+        check_save_keywords("save_weights", path, overwrite, max_shard_size=max_shard_size)
         self._rebuild_if_shared()
         save_model(self, path, weights_only=True)
 
-    def load_weights(self, path: str | os.PathLike[str]) -> None:
+    def load_weights(self, path: str | os.PathLike[str], skip_mismatch: bool = False) -> None:
         """Load the weights of a weights file, model file or checkpoint written for this same
         architecture (``DataFormatError`` names the first difference otherwise); an unbuilt
-        model is built for the file's input shape."""
+        model is built for the file's input shape. Keras' ``skip_mismatch=False`` is taken;
+        True is refused, naming how to copy the layers that match."""
+        check_skip_mismatch(skip_mismatch)
         with self._unbuilt_if_refused():
             load_weights(self, path)
 
@@ -1063,9 +1088,14 @@ class Model(Trainer):
             self.backend = backend
         return self
 
-    def save(self, path: str | os.PathLike[str]) -> None:
+    def save(self, path: str | os.PathLike[str], overwrite: bool = True,
+             zipped: bool | None = None) -> None:
         """Write architecture and weights to ``path`` (an .npz that loads without pickle), the
-        weights as this model runs them (see :meth:`get_weights`)."""
+        weights as this model runs them (see :meth:`get_weights`). A name ending in Keras'
+        ``.keras``, ``.h5`` or ``.hdf5`` is refused (Keras would not read the file). Keras'
+        ``overwrite=True`` and ``zipped=None`` (or True) are taken (a file at ``path`` is
+        replaced, atomically; the .npz is a zip archive); other values are refused."""
+        check_save_keywords("save", path, overwrite, zipped)
         self._rebuild_if_shared()
         save_model(self, path)
 

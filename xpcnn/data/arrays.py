@@ -268,7 +268,7 @@ def check_source(x: Any, y: Any, steps: int | None, what: str = "x", targets: bo
         return None if steps is None else checks.positive_int(steps, steps_name)
     if steps is not None:
         raise InputError(f"{steps_name} is for generators; arrays give ceil(N / batch_size) "
-                         "batches")
+                         f"batches{_fewer_samples(steps, steps_name)}")
     if targets and y is None:
         pairs = isinstance(x, list | tuple) and bool(x) and isinstance(
             x[0], list | tuple) and len(x[0]) == 2
@@ -276,6 +276,22 @@ def check_source(x: Any, y: Any, steps: int | None, what: str = "x", targets: bo
             f"; {what} is a list of pairs: a list is read as one array, so pass the (x, y) "
             f"batches as an iterator, iter({what}), with steps_per_epoch" if pairs else ""))
     return None
+
+
+def _fewer_samples(steps: Any, steps_name: str) -> str:
+    """How a call given arrays and ``steps`` batches (a Keras port) takes that many: their
+    samples, sliced. (Not said for validation_steps, whose refusal stays as it was.)"""
+    if isinstance(steps, bool) or not isinstance(steps, int | np.integer) or steps < 1:
+        return ""
+    part = f"[:{steps} * batch_size]"
+    if steps_name == "steps_per_epoch":
+        # (Keras' steps_per_epoch goes on through the arrays from one epoch to the next)
+        return (f": to train on {steps} batches an epoch, pass their samples, fit(x{part}, "
+                f"y{part}, ...): the same samples each epoch, where Keras goes on through the "
+                "arrays from one epoch to the next")
+    if steps_name == "steps":  # (evaluate's or predict's: Keras' first batches, exactly)
+        return f": to use the first {steps} batches, pass their samples, x{part} (and y{part})"
+    return ""
 
 
 def split_item(item: Any, with_targets: bool, expected: str,

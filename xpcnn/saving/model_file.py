@@ -76,6 +76,71 @@ def register_model(cls: type) -> type:
 
 # -- writing ----------------------------------------------------------------------------------
 
+#: The endings of Keras' file names (``.keras``; ``.h5`` and ``.weights.h5``; ``.hdf5``).
+KERAS_SUFFIXES = (".keras", ".h5", ".hdf5")
+
+
+def refuse_keras_suffix(path: str, what: str) -> None:
+    """Refuse a file of xpcnn's writers named as Keras names its files (``what``: the file, as
+    errors name it): was written as xpcnn's .npz, silently, which Keras then fails to read.
+    Checked before any work. Any other name is taken, as it always was."""
+    suffix = next((s for s in KERAS_SUFFIXES if path.lower().endswith(s)), None)
+    if suffix is None:
+        return
+    stem, suffix = path[:-len(suffix)], path[-len(suffix):]
+    raise InputError(f"{what} {path!r} ends in {suffix!r}, as Keras' files are named: xpcnn "
+                     "writes its own .npz files, which Keras does not read; give a name "
+                     f"ending in .npz ({stem + '.npz'!r}, say) or any other name")
+
+
+def check_save_keywords(call: str, path: Any, overwrite: Any, zipped: Any = None,
+                        max_shard_size: Any = None) -> None:
+    """Before ``save`` or ``save_weights`` (``call``) does any work: ``path`` not named as
+    Keras' files are (:func:`refuse_keras_suffix`), and Keras 3's keywords taken at the values
+    that mean what xpcnn's writers do, other values refused naming what they do (was: a bare
+    TypeError at Keras' defaults too)."""
+    what = "the weights file" if call == "save_weights" else "the model file"
+    refuse_keras_suffix(checks.file_path(path, what), what)
+    if not checks.flag(overwrite, f"{call}'s overwrite"):
+        # (Keras asks on the terminal before replacing a file: no prompt in xpcnn)
+        raise InputError(f"{call}(overwrite=False): Keras then asks before replacing a file; "
+                         f"xpcnn's {call} always replaces it, atomically (a reader never sees "
+                         "half a file): to keep a file, check os.path.exists(path) first, or "
+                         "give another path; leave overwrite out")
+    if zipped is not None and not checks.flag(zipped, f"{call}'s zipped"):
+        raise InputError(f"{call}(zipped=False): Keras' folder form; xpcnn writes one .npz "
+                         "file (a zip archive); leave zipped out")
+    if max_shard_size is not None:
+        raise InputError(f"{call}(max_shard_size={max_shard_size!r}): xpcnn writes the weights "
+                         "as one file, never sharded; leave max_shard_size out")
+
+
+def check_skip_mismatch(skip_mismatch: Any) -> None:
+    """Keras' ``load_weights(skip_mismatch=...)``: False (its default) is what xpcnn does."""
+    if checks.flag(skip_mismatch, "load_weights' skip_mismatch"):
+        raise InputError("load_weights(skip_mismatch=True): xpcnn's load_weights loads every "
+                         "layer or none, refusing a file of other layers or shapes; to take "
+                         "the layers that match, load the file's model and copy them by name: "
+                         "model.get_layer(name).set_weights(xpcnn.load_model(path)"
+                         ".get_layer(name).get_weights())")
+
+
+def _check_load_keywords(custom_objects: Any, safe_mode: Any) -> None:
+    """Keras 3's keywords of ``load_model``, taken at the values that mean what xpcnn does,
+    other values refused naming what it does (was: a bare TypeError at Keras' defaults too)."""
+    if custom_objects is not None and not (isinstance(custom_objects, dict)
+                                           and not custom_objects):
+        raise InputError(f"load_model(custom_objects={custom_objects!r}): xpcnn finds the "
+                         "classes a file names by their names, each registered where it is "
+                         "defined (a subclass of xpcnn's Layer, Model, Optimizer, Schedule or "
+                         "SoftmaxCrossEntropy): define or import them before load_model and "
+                         "leave custom_objects out (a function, Keras' custom loss or "
+                         "activation, has no place in an xpcnn model)")
+    if not checks.flag(safe_mode, "load_model's safe_mode"):
+        raise InputError("load_model(safe_mode=False): Keras' permission to run code that a "
+                         "file holds (a Lambda layer's); xpcnn's files hold none, and load "
+                         "without pickle: leave safe_mode out")
+
 
 def model_config(model: Any, compiled: bool = True, checked: bool = True) -> dict[str, Any]:
     """Everything but the weights: enough to rebuild the same model (without its compile
@@ -234,6 +299,7 @@ def save_model(model: Any, path: str | os.PathLike[str], weights_only: bool = Fa
     it failed), and rank 0 alone may call it (see :func:`xpcnn.distributed.write_on_root`)."""
     what = "the weights file" if weights_only else "the model file"
     path = checks.file_path(path, what)
+    refuse_keras_suffix(path, what)
     model._require_built("save_weights" if weights_only else "save")
 
     def refusal(layer: Layer, weight: str) -> str:
@@ -315,7 +381,8 @@ def _unwritable_part(config: dict[str, Any]) -> str:
 
 
 def load_model(path: str | os.PathLike[str], device: DeviceLike = "cpu",
-               compile: bool = True) -> Any:
+               compile: bool = True, *, custom_objects: dict[str, Any] | None = None,
+               safe_mode: bool = True) -> Any:
     """Load a model written by ``Model.save`` onto ``device``.
 
     A checkpoint (:mod:`xpcnn.saving.checkpoint`) loads too: its model, with the weights it
@@ -323,8 +390,12 @@ def load_model(path: str | os.PathLike[str], device: DeviceLike = "cpu",
     a file of ``Model.save_weights``, which holds the architecture: its model uncompiled.
     ``compile=False`` (as in Keras) leaves the model uncompiled whatever the file holds: its
     compile settings and optimiser state are not read (a user's optimiser or schedule class
-    need not be defined), and ``fit`` asks for ``compile`` first.
+    need not be defined), and ``fit`` asks for ``compile`` first. Keras'
+    ``custom_objects=None`` (or ``{}``) and ``safe_mode=True`` are taken: a file's classes are
+    found by name where they are defined, and no file holds code; other values are refused,
+    saying so.
     """
+    _check_load_keywords(custom_objects, safe_mode)
     compile = checks.flag(compile, "compile")
     with NpzArchive(path, "the model file") as npz:
         raw = npz.read_config()
@@ -836,10 +907,52 @@ def load_weights(model: Any, path: str | os.PathLike[str]) -> None:
         # (before building: an unbuilt model too; how to declare a setting only for a
         # checkpoint, a run's file, where a callback may have changed it, not for a model
         # file, whose other value is likely set in code: another model)
-        check_layers(model, config, npz.path, setting_hint=checkpoint)
+        try:
+            check_layers(model, config, npz.path, setting_hint=checkpoint)
+        except DataFormatError as e:  # (still refused: the way that loads them, where one does)
+            e.args = (f"{e}{_weights_alone(model, config, npz)}",)
+            raise
         build_for_file(model, config, npz)
         check_weight_shapes(model, config, npz)
         set_weights_from_file(model, npz)
+
+
+def _weights_alone(model: Any, config: dict[str, Any], npz: NpzArchive) -> str:
+    """Where the file's model differs from built ``model`` only in layers without weights added
+    or left out (a Dropout), its layers with weights alike (classes, settings) and their
+    weights of the same shapes, in order: how to load them, which ``set_weights`` takes, as
+    Keras' guide moves weights between such models. Read from the configurations and the
+    entries' headers; "" where anything else differs (a layer's setting changed in code, as
+    in another model) or cannot be read."""
+    specs = config.get("layers")
+    if not model.built or not isinstance(specs, list) or len(specs) == len(model.layers):
+        return ""
+    entries = sorted((int(m[1]), int(m[2]), key) for key in npz.entries
+                     if (m := re.fullmatch(r"layer(\d+)\.(\d+)", key)))
+    weighted = sorted({i for i, _, _ in entries})  # (the file's layers with weights)
+    layers = [la for la in model.layers if la.present_weight_names()]
+    try:
+        theirs = [_architecture(config)[i] for i in weighted]
+        ours = [a for a, la in zip(_architecture(normal(model_config(
+            model, compiled=False, checked=False))), model.layers, strict=True)
+            if la.present_weight_names()]
+        shapes = [tuple(npz.header(key)[0]) for _, _, key in entries]
+    except (DataFormatError, KeyError, TypeError, AttributeError, IndexError, ValueError):
+        return ""  # (a file the refusal says enough about)
+
+    def alike(layer: tuple[str, dict[str, Any]], la: Layer) -> tuple[str, dict[str, Any]]:
+        # (as check_layers compares them; the layers between differ, and so do the reads)
+        skipped = {"inbound", *setting_names(type(la))}
+        return layer[0], {k: v for k, v in layer[1].items() if k not in skipped}
+
+    if not layers or len(theirs) != len(layers) or any(
+            alike(a, la) != alike(b, la) for a, b, la in zip(theirs, ours, layers, strict=True)
+    ) or shapes != [tuple(la.keras_shape(name)) for la in layers
+                    for name in la.present_weight_names()]:
+        return ""
+    return ("; its layers with weights are this model's, with weights of the same shapes (it "
+            "has layers without weights more or fewer): model.set_weights(xpcnn.load_model("
+            f"{npz.path!r}).get_weights()) loads them")
 
 
 def check_weight_shapes(model: Any, config: dict[str, Any], npz: NpzArchive) -> None:
