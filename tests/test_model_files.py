@@ -1294,6 +1294,25 @@ def test_xpcnns_writers_refuse_keras_file_names_before_any_work(tmp_path, name):
     assert len(os.listdir(tmp_path)) == 8
 
 
+def test_a_keras_named_file_is_refused_by_the_command_line_before_training_and_an_old_one_resumes(
+        tmp_path, capsys):
+    """``xpcnn train --save model.h5`` trained the whole run, then its save was refused and the
+    model lost (review R5): refused as the flags are checked, before any data is read. A
+    checkpoint written under such a name before the refusal existed (an old run's) resumes."""
+    from xpcnn.cli import main
+
+    assert main(["train", "--save", str(tmp_path / "model.h5"), "--epochs", "1"]) == 2
+    assert ("argument --save: " + repr(str(tmp_path / "model.h5")) + " ends in '.h5', as "
+            "Keras' files are named") in capsys.readouterr().err
+    model = tiny_model()
+    x, y = np.zeros((4, 2, 2, 1), np.float32), np.zeros(4, int)
+    model.fit(x, y, checkpoint=tmp_path / "old.npz", epochs=1, verbose=0)
+    os.rename(tmp_path / "old.npz", tmp_path / "old.h5")
+    resumed = tiny_model()
+    resumed.fit(x, y, checkpoint=tmp_path / "old.h5", resume=True, epochs=2, verbose=0)
+    assert resumed.optimizer.iterations == 2  # (1 from the file, 1 more)
+
+
 def test_keras_saving_keywords_at_their_defaults_are_taken(tmp_path):
     """Keras 3's ``save(path, overwrite=True)``, ``save_weights(path, overwrite=True)``,
     ``load_weights(path, skip_mismatch=False)`` and ``load_model(path, custom_objects=None,
@@ -1305,21 +1324,14 @@ def test_keras_saving_keywords_at_their_defaults_are_taken(tmp_path):
     model.save(path, zipped=True)
     model.save_weights(tmp_path / "w.npz", overwrite=True, max_shard_size=None)
     model.load_weights(tmp_path / "w.npz", skip_mismatch=False)
-    for kept in (None, {}):
-        xpcnn.load_model(path, custom_objects=kept, compile=True, safe_mode=True)
+    for kept in (None, {}, {"Dense": Dense}, {"SGD": xpcnn.optim.SGD}):  # (the classes it
+        xpcnn.load_model(path, custom_objects=kept, compile=True, safe_mode=True)  # finds)
     assert xpcnn.load_model(path, compile=False, safe_mode=True).optimizer is None
 
 
 def test_other_values_of_keras_saving_keywords_are_refused_naming_xpcnns_way(tmp_path):
     model = tiny_model()
     path = tmp_path / "m.npz"
-    with pytest.raises(InputError, match=r"^save\(overwrite=False\): Keras then asks before "
-                                         r"replacing a file; xpcnn's save always replaces it, "
-                                         r"atomically .*: to keep a file, check "
-                                         r"os\.path\.exists\(path\) first"):
-        model.save(path, overwrite=False)
-    with pytest.raises(InputError, match=r"^save_weights\(overwrite=False\): "):
-        model.save_weights(path, overwrite=False)
     with pytest.raises(InputError, match=r"^save's overwrite must be True or False, got 'no'"):
         model.save(path, overwrite="no")
     with pytest.raises(InputError, match=r"^save\(zipped=False\): Keras' folder form; xpcnn "
@@ -1329,7 +1341,15 @@ def test_other_values_of_keras_saving_keywords_are_refused_naming_xpcnns_way(tmp
                                          r"the weights as one file, never sharded"):
         model.save_weights(path, max_shard_size=5)
     assert os.listdir(tmp_path) == []
-    model.save(path)
+    model.save(path, overwrite=False)  # (no file there: written, as Keras does; review R5)
+    model.save_weights(tmp_path / "w.npz", overwrite=False)
+    with pytest.raises(InputError, match=r"^save\(overwrite=False\): Keras then asks before "
+                                         r"replacing a file; xpcnn's save always replaces it, "
+                                         r"atomically .*: to keep a file, check "
+                                         r"os\.path\.exists\(path\) first"):
+        model.save(path, overwrite=False)
+    with pytest.raises(InputError, match=r"^save_weights\(overwrite=False\): "):
+        model.save_weights(tmp_path / "w.npz", overwrite=False)
     with pytest.raises(InputError, match=r"^load_model\(custom_objects=\{'Gate': 1\}\): xpcnn "
                                          r"finds the classes a file names by their names, "
                                          r"each registered where it is defined .*: define or "

@@ -1447,6 +1447,8 @@ def test_pytorchs_cosine_annealing_arguments_are_taken_and_a_schedule_ported_per
     for schedule, epochs, warns in [(optim.StepDecay(0.1, 1, 0.7), 3, True),  # StepLR(1, 0.7)
                                     (optim.CosineDecay(0.1, T_max=3), 3, True),
                                     (optim.CosineDecay(0.1, 3 * 8), 3, False),
+                                    (optim.StepDecay(0.1, 8, 0.05), 3, False),  # (ported
+                                    # right: its drops at the epochs' starts; review R5)
                                     (optim.OneCycle(0.1, 3 * 8), 3, False),
                                     (optim.OneCycle(0.1, 8), 1, False)]:
         model = xpcnn.Sequential([Flatten(), Dense(3)], seed=0)

@@ -22,8 +22,8 @@ from .errors import (
     DataFormatError,
     DeviceError,
     DownloadError,
+    ForeignNameError,
     InputError,
-    KerasNameError,
     MissingDependencyError,
     MissingFileError,
     NonFiniteError,
@@ -39,9 +39,8 @@ from .saving import load_checkpoint, load_model
 __version__ = "0.1.0"
 
 __all__ = [
-    "Backend", "DataFormatError", "DeviceError", "DownloadError", "History", "Input",
-    "InputError", "KerasNameError", "MissingDependencyError", "MissingFileError", "Model",
-    "NonFiniteError",
+    "Backend", "DataFormatError", "DeviceError", "DownloadError", "ForeignNameError", "History",
+    "Input", "InputError", "MissingDependencyError", "MissingFileError", "Model", "NonFiniteError",
     "Sequential", "SoftmaxCrossEntropy", "TrainingInterrupted", "XpcnnError", "callbacks",
     "data", "get_backend", "layers", "load_checkpoint", "load_model", "metrics", "optim",
 ]
@@ -63,7 +62,7 @@ KERAS_NAMES: dict[str, tuple[tuple[str, ...], str]] = {
         "weight (Keras' regularizers.l2(l) is weight_decay=2 * l)")),
     "activations": (("layers.ReLU", "layers.Softmax"), (
         "xpcnn offers no activation functions: its activation layers are layers.ReLU and "
-        "layers.Softmax, or activation='relu' (or 'softmax') on Conv2D and Dense")),
+        "layers.Softmax, or activation='relu' on Conv2D and Dense ('softmax' on Dense)")),
     "applications": (("models.build_model",), (
         "xpcnn offers no pretrained networks: xpcnn.models.build_model(name) builds its own "
         "small ones, untrained (import xpcnn.models)")),

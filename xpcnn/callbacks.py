@@ -80,7 +80,7 @@ from .saving.checkpoint import (
     progress_within,
     states_entry,
 )
-from .saving.model_file import config_entry, model_config, refuse_keras_suffix
+from .saving.model_file import config_entry, model_config, refuse_foreign_suffix
 
 
 class Callback:
@@ -1013,7 +1013,7 @@ class ModelCheckpoint(_Monitor):
                  initial_value_threshold: float | None = None) -> None:
         super().__init__(monitor, mode, watched=save_best_only is True)
         self.filepath = checks.file_path(filepath, "ModelCheckpoint filepath")
-        refuse_keras_suffix(self.filepath, "ModelCheckpoint filepath")  # (before any epoch)
+        refuse_foreign_suffix(self.filepath, "ModelCheckpoint filepath")  # (before any epoch)
         self.save_best_only = checks.flag(save_best_only, "save_best_only")
         self.save_weights_only = checks.flag(save_weights_only, "save_weights_only")
         if not is_save_freq(save_freq):
@@ -1223,7 +1223,8 @@ class BackupAndRestore(Callback):
                  *, resume: bool = True, delete_checkpoint: bool = True) -> None:
         super().__init__()
         path = checks.file_path(path, "checkpoint")
-        refuse_keras_suffix(path, "checkpoint")  # (fit(checkpoint=...)'s too)
+        if not os.path.exists(path):  # (fit(checkpoint=...)'s too; a file there already,
+            refuse_foreign_suffix(path, "checkpoint")  # an old run's, resumes)
         if not is_save_freq(save_freq):
             raise InputError(f"BackupAndRestore save_freq must be 'epoch' or a positive number "
                              f"of steps, got {save_freq!r}")
@@ -1279,6 +1280,18 @@ class BackupAndRestore(Callback):
             distributed.write_on_root(remove, self.path)  # (every rank returns once it is gone)
 
 
+_ABSOLUTE = ("xpcnn's min_delta is absolute (an improvement is below best - min_delta, "
+             "PyTorch's threshold_mode='abs'); PyTorch's default threshold is relative "
+             "(threshold_mode='rel': below best * (1 - threshold)): min_delta=threshold * "
+             "(a typical value of the monitor) for about the same")
+#: PyTorch's ReduceLROnPlateau keywords that Keras' callback has not: what instead.
+_TORCH_PLATEAU = {
+    "threshold": _ABSOLUTE, "threshold_mode": _ABSOLUTE,
+    "eps": ("not offered: the rate is reduced whenever it is above min_lr (PyTorch skips a "
+            "reduction smaller than eps); leave eps out"),
+}
+
+
 class ReduceLROnPlateau(_Monitor):
     """Multiply the learning rate by ``factor`` when ``monitor`` has not improved for
     ``patience`` epochs, then wait ``cooldown`` epochs; never below ``min_lr`` (Keras' rules, see
@@ -1290,7 +1303,25 @@ class ReduceLROnPlateau(_Monitor):
     # call that would land on another parameter is a TypeError)
     def __init__(self, monitor: str = "val_loss", factor: float = 0.1, patience: int = 10,
                  *, mode: str = "auto", min_delta: float = 1e-4, cooldown: int = 0,
-                 min_lr: float = 0.0, verbose: int = 0) -> None:
+                 min_lr: float = 0.0, verbose: int = 0, **torch_keywords: Any) -> None:
+        # PyTorch's scheduler, ported literally: ReduceLROnPlateau(optimizer, "min",
+        # threshold=...), which read the optimiser as the monitor, or got a bare TypeError
+        port = ("a Keras callback: fit(..., callbacks=[ReduceLROnPlateau(monitor='val_loss', "
+                "factor=..., patience=...)]), which changes the compiled optimiser's rate; "
+                "PyTorch's patience=p is patience=p + 1 here (PyTorch reduces after p + 1 "
+                "epochs without improvement)")
+        if any(k.__module__ == "xpcnn.optim" or k.__module__.startswith("torch.optim")
+               for k in type(monitor).__mro__):  # (xpcnn's optimiser or torch's)
+            raise InputError(f"ReduceLROnPlateau was given an optimizer ({type(monitor).__name__})"
+                             " first, PyTorch's order, ReduceLROnPlateau(optimizer, mode): "
+                             f"xpcnn's takes no optimizer, it is {port}")
+        for key in torch_keywords:
+            if key not in _TORCH_PLATEAU:
+                raise TypeError(f"ReduceLROnPlateau.__init__() got an unexpected keyword "
+                                f"argument {key!r}")
+            raise InputError(f"ReduceLROnPlateau({key}={torch_keywords[key]!r}): "
+                                      f"PyTorch's keyword, which xpcnn's does not take: "
+                                      f"{_TORCH_PLATEAU[key]}. xpcnn's is {port}")
         super().__init__(monitor, mode, min_delta)
         self.factor = checks.number(factor, "ReduceLROnPlateau factor", 0.0, 1.0, low_open=True,
                                     high_open=True)

@@ -35,6 +35,7 @@ from .files import try_writing_in
 from .models import NAMES, build_model
 from .onnx_export import ONNX_EXTRA_HINT
 from .saving.checkpoint import ResumeAdvice, resume_advised
+from .saving.model_file import refuse_foreign_suffix
 from .viz import TRAINING_PLOTS, VIZ_EXTRA_HINT
 
 DATASETS = ("shapes", "mnist", "fashion-mnist", "cifar10")
@@ -289,6 +290,12 @@ def _check_train(args: argparse.Namespace) -> None:
                "--export": args.export}
     for flag, path in outputs.items():
         output_file(flag, path)
+        if flag in ("--save", "--checkpoint") and path is not None and not (
+                flag == "--checkpoint" and os.path.exists(path)):  # (before training: its
+            try:  # save was refused after it, the model lost; an existing checkpoint resumes)
+                refuse_foreign_suffix(path, f"argument {flag}:")
+            except InputError as e:
+                raise UsageError(str(e)) from None
     if args.plots is not None:
         outputs.update(_plots_outputs(args.plots, outputs))
         needs_matplotlib("--plots")

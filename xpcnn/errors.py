@@ -82,20 +82,22 @@ class NonFiniteError(XpcnnError, FloatingPointError):
     of it runs). Not a ValueError: code catching bad input should catch this too."""
 
 
-class KerasNameError(InputError, AttributeError):
-    """A name of Keras' that an xpcnn module does not have (``xpcnn.layers.MaxPooling2D``): an
-    AttributeError (``hasattr`` is False) whose message names xpcnn's way."""
+class ForeignNameError(InputError, AttributeError):
+    """A name of Keras' or PyTorch's that xpcnn does not have (``xpcnn.layers.MaxPooling2D``,
+    a model's ``train()``): an AttributeError (``hasattr`` is False) whose message names
+    xpcnn's way."""
+
 
 
 def keras_names(module: str, names: dict[str, tuple[tuple[str, ...], str]], kind: str
                 ) -> Callable[[str], NoReturn]:
     """A module's ``__getattr__`` (PEP 562: run only for names it lacks) raising a
-    :class:`KerasNameError` with the advice of ``names`` (``{name: (the xpcnn names the
+    :class:`ForeignNameError` with the advice of ``names`` (``{name: (the xpcnn names the
     advice gives, the advice)}``: not aliases, each thing has one name) for Keras' names,
     else Python's AttributeError."""
     def __getattr__(name: str) -> NoReturn:
         if name in names:
-            raise KerasNameError(f"{module} has no {name} ({kind}): {names[name][1]}")
+            raise ForeignNameError(f"{module} has no {name} ({kind}): {names[name][1]}")
         raise AttributeError(f"module {module!r} has no attribute {name!r}")
 
     return __getattr__

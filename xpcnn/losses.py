@@ -5,6 +5,7 @@ from __future__ import annotations
 import functools
 import inspect
 import numbers
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 import array_api_compat
@@ -118,6 +119,38 @@ _HOOK = ("forward(self, xp, logits, y, dtype, weights=None), returning (the loss
          "array, its gradient with respect to the logits, of their shape)")
 
 
+_CLASS_WEIGHT = ("fit(..., class_weight=dict(enumerate(w))) (or train_on_batch's), whose mean "
+                 "divides by the batch size, as Keras' does (PyTorch's by the sum of the "
+                 "samples' weights: the losses differ by that ratio)")
+#: CrossEntropyLoss's keywords that xpcnn's loss does not take (PyTorch's default, which is
+#: what xpcnn does, taken; any other value refused naming xpcnn's way).
+_TORCH_KEYWORDS: dict[str, tuple[tuple[Any, ...], str]] = {
+    "weight": ((None,), _CLASS_WEIGHT),
+    "ignore_index": ((-100,), "give the samples to ignore sample_weight 0 (fit's sample_weight=, "
+                              "or the loss's call, loss(y_true, y_pred, sample_weight=...)), with "
+                              "any valid class as their label"),
+}
+
+
+def _refusing_torch_keywords(init: Callable[..., None]) -> Callable[..., None]:
+    """``init`` refusing PyTorch's keywords (:data:`_TORCH_KEYWORDS`) naming xpcnn's way (was: a
+    bare TypeError); its signature, which ``inspect`` reads through the wrapper, is
+    unchanged (the settings files keep)."""
+    @functools.wraps(init)
+    def wrapper(self: Any, *args: Any, **kwargs: Any) -> None:
+        for key in [k for k in kwargs if k in _TORCH_KEYWORDS]:
+            defaults, instead = _TORCH_KEYWORDS[key]
+            if is_one_of(kwargs[key], defaults):
+                del kwargs[key]  # (PyTorch's default: xpcnn's behaviour, said out loud)
+                continue
+            raise InputError(
+                f"{type(self).__name__}({key}=...): PyTorch's keyword (CrossEntropyLoss'), "
+                f"which xpcnn's loss does not take: {instead}")
+        init(self, *args, **kwargs)
+
+    return wrapper
+
+
 class SoftmaxCrossEntropy:
     """Mean cross-entropy between softmax(logits) and integer or one-hot targets.
 
@@ -148,6 +181,7 @@ class SoftmaxCrossEntropy:
         super().__init_subclass__(**kwargs)
         register(LOSS_CLASSES, cls, "loss")
 
+    @_refusing_torch_keywords
     def __init__(self, label_smoothing: float = 0.0, from_logits: bool | None = None, *,
                  reduction: str = "sum_over_batch_size", axis: int = -1,
                  ignore_class: int | None = None) -> None:
@@ -455,6 +489,31 @@ LOSSES = {"cross_entropy": SoftmaxCrossEntropy,
           "sparse_categorical_crossentropy": SoftmaxCrossEntropy}
 
 
+_TORCH_LOSS = (
+    "xpcnn's loss is SoftmaxCrossEntropy, its softmax fused in: PyTorch's CrossEntropyLoss on "
+    "logits is compile(loss='sparse_categorical_crossentropy') (or 'cross_entropy') after a "
+    "last Dense(classes) with no softmax, and log_softmax + nll_loss the same (leave the "
+    "log_softmax out); CrossEntropyLoss(weight=w) is " + _CLASS_WEIGHT)
+#: PyTorch's names of the cross-entropy, lower case and without "_": as a string, or as a
+#: torch class's or function's name.
+_TORCH_LOSS_NAMES = frozenset(("crossentropyloss", "nllloss", "nll", "nllloss2d",
+                               "crossentropy", "logsoftmax"))
+
+
+def _torch_loss(loss: Any) -> str | None:
+    """What PyTorch names ``loss``, where it is PyTorch's cross-entropy (its name, its class,
+    an instance, or a function of torch.nn.functional), else None."""
+    if isinstance(loss, str):
+        return loss if loss.lower().replace("_", "") in _TORCH_LOSS_NAMES else None
+    named = loss if isinstance(loss, type) or callable(loss) and hasattr(loss, "__name__") \
+        else type(loss)
+    module = getattr(named, "__module__", None) or ""
+    name = getattr(named, "__name__", "")
+    if module.startswith("torch") and name.lower().replace("_", "") in _TORCH_LOSS_NAMES:
+        return name
+    return None
+
+
 def get_loss(loss: str | SoftmaxCrossEntropy) -> SoftmaxCrossEntropy:
     if isinstance(loss, SoftmaxCrossEntropy):
         loss.check_hooks()
@@ -469,6 +528,9 @@ def get_loss(loss: str | SoftmaxCrossEntropy) -> SoftmaxCrossEntropy:
             f"'sparse_categorical_crossentropy' or a SoftmaxCrossEntropy), not one per output")
     if isinstance(loss, str) and loss in LOSSES:
         return LOSSES[loss]()
+    torch = _torch_loss(loss)
+    if torch is not None:  # (was: Keras' advice on a function of one's own, for torch's)
+        raise InputError(f"unknown loss {loss!r}, PyTorch's {torch}: " + _TORCH_LOSS)
     binary = isinstance(loss, str) and "binary" in loss.lower()
     raise InputError(f"unknown loss {loss!r}; expected one of {', '.join(LOSSES)} "
                      "or a SoftmaxCrossEntropy instance" + (

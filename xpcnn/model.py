@@ -22,7 +22,7 @@ import numpy as np
 
 from . import checks, distributed, graph
 from .backend import PRECISIONS, DeviceLike, dtype_name, get_backend, precision_dtype
-from .errors import DataFormatError, InputError, warn
+from .errors import DataFormatError, ForeignNameError, InputError, warn
 from .layers.arguments import per_sample
 from .layers.base import (
     Layer,
@@ -71,6 +71,39 @@ def _refuse_call(cls: type) -> None:
             "override train_step(xb, yb, sample_weight=None) only (fit runs it, see the "
             "README); evaluate, fit's validation and predict are not customisable. Give "
             "compile() a loss or metric of your own, or compute on predict()'s output")
+
+
+
+_NO_MODE = ("an xpcnn model has no mode to set: fit trains (Dropout on, BatchNorm2D's batch "
+            "statistics); predict, evaluate and model(x) infer (Dropout off, the moving "
+            "statistics); layer_outputs(x, training=True) shows training mode")
+_WEIGHTS = ("model.trainable_weights (all: model.weights), each Weight with its name, "
+            "'layer/kernel'; compile(optimizer=xpcnn.optim.SGD(lr)) binds them to the "
+            "optimiser, which takes no parameters")
+_LAYERS = ("model.layers (a flat list, in the order they run) and model.get_layer(name); "
+           "a layer's sublayers are not modules of their own")
+_DTYPE = ("the parameters' dtype is set at construction, Sequential(..., dtype='float64') or "
+          "Model(inputs, outputs, dtype=...) ('float32' or 'float64'); half precision is "
+          "compile(precision='mixed_float16' or 'mixed_bfloat16')")
+#: PyTorch's ``nn.Module`` names a model lacks: what xpcnn does instead (advice, not aliases:
+#: each thing has one way, README's "From PyTorch" table).
+TORCH_MODULE_NAMES: dict[str, str] = {
+    "train": _NO_MODE, "eval": _NO_MODE, "training": _NO_MODE,
+    "parameters": _WEIGHTS, "named_parameters": _WEIGHTS,
+    "zero_grad": ("none needed: an eager training step drops its gradients once applied (each "
+                  "layer.grads is empty after it, as after zero_grad(set_to_none=True))"),
+    "state_dict": ("get_weights(), NumPy arrays in Keras' layouts (a Dense kernel (in, out), a "
+                   "Conv2D kernel (kh, kw, C_in, C_out)); save_weights(path) writes them to a "
+                   "file"),
+    "load_state_dict": ("set_weights(ws), in Keras' layouts: list(sd.values()) with a Linear's "
+                        "weight.T and a Conv2d's weight.permute(2, 3, 1, 0) (see the README, "
+                        "'From PyTorch'); load_weights(path) reads save_weights' file"),
+    "cuda": "model.to('cuda') (or Sequential(..., device='cuda')); returns the model",
+    "cpu": "model.to('cpu'); returns the model",
+    "double": _DTYPE, "float": _DTYPE, "half": _DTYPE, "bfloat16": _DTYPE,
+    "modules": _LAYERS, "children": _LAYERS, "named_modules": _LAYERS,
+    "named_children": _LAYERS,
+}
 
 
 @register_model
@@ -714,6 +747,20 @@ class Model(Trainer):
                          "is called as model(x) (device arrays or symbolic tensors), or "
                          "predict(x) for host batches; layer_outputs(x) gives every layer's "
                          "output")
+
+    def __getattr__(self, name: str) -> Any:
+        # (Python calls it only where the usual lookup failed, so other attributes cost nothing;
+        # it reads nothing of the instance, so a lookup before __init__ ran cannot recurse)
+        advice = TORCH_MODULE_NAMES.get(name)
+        if advice is not None:
+            call = "" if name == "training" else "()"
+            raise ForeignNameError(f"{type(self).__name__} has no {name}{call}, PyTorch's "
+                                 f"nn.Module {'attribute' if not call else 'method'}: {advice}")
+        if any(name in vars(klass) for klass in type(self).__mro__):
+            # (a property that raised an AttributeError: its own error again, as before)
+            return object.__getattribute__(self, name)
+        raise AttributeError(f"{type(self).__name__!r} object has no attribute {name!r}",
+                             name=name, obj=self)
 
     def layer_outputs(self, x: Any, training: bool | None = False) -> list[Any]:
         """Every layer's output for a host batch, as device arrays (for inspection; the

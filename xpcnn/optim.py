@@ -1335,6 +1335,20 @@ def get_optimizer(optimizer: str | Optimizer) -> Optimizer:
         return optimizer
     if isinstance(optimizer, str) and optimizer.lower() in OPTIMIZERS:
         return OPTIMIZERS[optimizer.lower()]()
+    torch = next((k for k in type(optimizer).__mro__ if k.__module__.startswith("torch.optim")),
+                 None)
+    if torch is not None:  # (was: "unknown optimizer" around torch's repr, many lines long)
+        name = type(optimizer).__name__
+        ours = OPTIMIZERS.get(name.lower())
+        lr = getattr(optimizer, "defaults", {}).get("lr", 0.001)
+        raise InputError(
+            f"compile(optimizer=...) was given PyTorch's torch.optim.{name}, which xpcnn does "
+            "not run: give xpcnn's optimiser its rate and settings only, " + (
+                f"xpcnn.optim.{ours.__name__}({lr!r}, ...)" if ours is not None else
+                f"xpcnn has no {name}: xpcnn.optim.SGD, Adam, AdamW or RMSprop, such as "
+                f"xpcnn.optim.Adam({lr!r}, ...)") + ", the settings by Keras' names "
+            "(momentum=, beta_1=, beta_2=, epsilon=, weight_decay=); compile binds the model's "
+            "parameters to it")
     raise InputError(f"unknown optimizer {optimizer!r}; expected one of {', '.join(OPTIMIZERS)} "
                      "or an Optimizer instance")
 

@@ -49,7 +49,7 @@ KERAS_NAMES: dict[str, tuple[tuple[str, ...], str]] = {
         "batch, FeatureNorm each feature map of each image over its H x W positions")),
     "Activation": (("ReLU", "Softmax"), (
         "xpcnn's activation layers are ReLU() (Activation('relu')) and Softmax() "
-        "(Activation('softmax')), or activation='relu' (or 'softmax') on Conv2D and Dense; "
+        "(Activation('softmax')), or activation='relu' on Conv2D and Dense ('softmax' on Dense); "
         "it offers no other activation")),
     "LeakyReLU": (("ReLU",), "xpcnn's one activation with a kink is ReLU (no negative slope; "
                              "max_value= caps it)"),

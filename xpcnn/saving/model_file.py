@@ -32,10 +32,10 @@ from ..graph import Inbound, check_graph, inbound_of, weight_count
 from ..layers import Normalization
 from ..layers.arguments import rebuilding
 from ..layers.base import LAYER_TYPES, Layer, setting_names
-from ..losses import loss_from_config
+from ..losses import SoftmaxCrossEntropy, loss_from_config
 from ..metrics import metric_from_config
 from ..ops.windows import resolve_padding
-from ..optim import optimizer_from_config
+from ..optim import Optimizer, Schedule, optimizer_from_config
 from ..structure import check_structure
 from ..totals import INITIAL_SCALE, SCALE_RANGE
 from .npz import (
@@ -78,30 +78,40 @@ def register_model(cls: type) -> type:
 
 #: The endings of Keras' file names (``.keras``; ``.h5`` and ``.weights.h5``; ``.hdf5``).
 KERAS_SUFFIXES = (".keras", ".h5", ".hdf5")
+#: The endings PyTorch's examples give torch.save's files (``mnist_cnn.pt``, ``model.pth``).
+TORCH_SUFFIXES = (".pt", ".pth")
 
 
-def refuse_keras_suffix(path: str, what: str) -> None:
-    """Refuse a file of xpcnn's writers named as Keras names its files (``what``: the file, as
-    errors name it): was written as xpcnn's .npz, silently, which Keras then fails to read.
-    Checked before any work. Any other name is taken, as it always was."""
-    suffix = next((s for s in KERAS_SUFFIXES if path.lower().endswith(s)), None)
+def refuse_foreign_suffix(path: str, what: str) -> None:
+    """Refuse a file of xpcnn's writers named as Keras or PyTorch names its files (``what``:
+    the file, as errors name it): was written as xpcnn's .npz, silently, which Keras (or
+    torch.load) then fails to read. Checked before any work. Any other name is taken, as it
+    always was."""
+    lower = path.lower()
+    suffix = next((s for s in (*KERAS_SUFFIXES, *TORCH_SUFFIXES) if lower.endswith(s)), None)
     if suffix is None:
         return
     stem, suffix = path[:-len(suffix)], path[-len(suffix):]
+    way = f"give a name ending in .npz ({stem + '.npz'!r}, say) or any other name"
+    if suffix.lower() in TORCH_SUFFIXES:
+        raise InputError(f"{what} {path!r} ends in {suffix!r}, as torch.save's files are "
+                         "named: xpcnn writes its own .npz files, which torch.load does not "
+                         "read (xpcnn's load_model, load_weights and load_checkpoint do); "
+                         f"{way}. For PyTorch, convert get_weights() (Keras' layouts) and "
+                         "torch.save them yourself")
     raise InputError(f"{what} {path!r} ends in {suffix!r}, as Keras' files are named: xpcnn "
-                     "writes its own .npz files, which Keras does not read; give a name "
-                     f"ending in .npz ({stem + '.npz'!r}, say) or any other name")
+                     f"writes its own .npz files, which Keras does not read; {way}")
 
 
 def check_save_keywords(call: str, path: Any, overwrite: Any, zipped: Any = None,
                         max_shard_size: Any = None) -> None:
     """Before ``save`` or ``save_weights`` (``call``) does any work: ``path`` not named as
-    Keras' files are (:func:`refuse_keras_suffix`), and Keras 3's keywords taken at the values
-    that mean what xpcnn's writers do, other values refused naming what they do (was: a bare
-    TypeError at Keras' defaults too)."""
+    Keras' or PyTorch's files are (:func:`refuse_foreign_suffix`), and Keras 3's keywords
+    taken at the values that mean what xpcnn's writers do, other values refused naming what
+    they do (was: a bare TypeError at Keras' defaults too)."""
     what = "the weights file" if call == "save_weights" else "the model file"
-    refuse_keras_suffix(checks.file_path(path, what), what)
-    if not checks.flag(overwrite, f"{call}'s overwrite"):
+    refuse_foreign_suffix(checks.file_path(path, what), what)
+    if not checks.flag(overwrite, f"{call}'s overwrite") and os.path.lexists(path):
         # (Keras asks on the terminal before replacing a file: no prompt in xpcnn)
         raise InputError(f"{call}(overwrite=False): Keras then asks before replacing a file; "
                          f"xpcnn's {call} always replaces it, atomically (a reader never sees "
@@ -125,11 +135,20 @@ def check_skip_mismatch(skip_mismatch: Any) -> None:
                          ".get_layer(name).get_weights())")
 
 
+def _found_by_name(name: Any, cls: Any) -> bool:
+    """Whether ``cls`` is a class that xpcnn finds by ``name`` without being given it (a
+    subclass of its Layer, Optimizer, Schedule, SoftmaxCrossEntropy or a registered model,
+    registered as it is defined): Keras' ``custom_objects`` for it says nothing more."""
+    return isinstance(cls, type) and cls.__name__ == name and (
+        issubclass(cls, Layer | Optimizer | Schedule | SoftmaxCrossEntropy)
+        or MODEL_TYPES.get(name) is cls)
+
+
 def _check_load_keywords(custom_objects: Any, safe_mode: Any) -> None:
     """Keras 3's keywords of ``load_model``, taken at the values that mean what xpcnn does,
     other values refused naming what it does (was: a bare TypeError at Keras' defaults too)."""
-    if custom_objects is not None and not (isinstance(custom_objects, dict)
-                                           and not custom_objects):
+    if custom_objects is not None and not (isinstance(custom_objects, dict) and all(
+            _found_by_name(name, cls) for name, cls in custom_objects.items())):
         raise InputError(f"load_model(custom_objects={custom_objects!r}): xpcnn finds the "
                          "classes a file names by their names, each registered where it is "
                          "defined (a subclass of xpcnn's Layer, Model, Optimizer, Schedule or "
@@ -299,7 +318,7 @@ def save_model(model: Any, path: str | os.PathLike[str], weights_only: bool = Fa
     it failed), and rank 0 alone may call it (see :func:`xpcnn.distributed.write_on_root`)."""
     what = "the weights file" if weights_only else "the model file"
     path = checks.file_path(path, what)
-    refuse_keras_suffix(path, what)
+    refuse_foreign_suffix(path, what)
     model._require_built("save_weights" if weights_only else "save")
 
     def refusal(layer: Layer, weight: str) -> str:

@@ -142,8 +142,10 @@ def _warn_if_the_schedule_ends_in_an_epoch(optimizer: Optimizer | None, steps: i
         return
     start, schedule = optimizer.iterations, optimizer.schedule
     try:  # (a user's schedule that fails says so at its step, not here)
-        peak = max(float(schedule(start + k)) for k in range(0, steps, max(1, steps // 64)))
-        end = float(schedule(start + steps))
+        # (at most 65 reads: a user's schedule may be slow; the epoch's last step, where a
+        # drop at the next epoch's start, a per-epoch schedule ported right, is not yet)
+        peak = max(float(schedule(start + k)) for k in range(0, steps, -(-steps // 64)))
+        end = float(schedule(start + steps - 1))
     except Exception:  # noqa: BLE001
         return
     if math.isfinite(peak) and peak > 0 and end < peak / 10:
