@@ -51,13 +51,26 @@ def test_other_missing_attributes_keep_pythons_error() -> None:
 
 
 def test_a_property_raising_attribute_error_keeps_its_own_message() -> None:
+    """Its message, raised once (review R6: a __getattr__ ran it again), and a subclass's own
+    ``training`` wins over the advice."""
+    runs = []
+
     class Odd(xpcnn.Sequential):
         @property
         def broken(self) -> int:
+            runs.append(1)
             raise AttributeError("broken's own message")
 
+        @property
+        def training(self) -> bool:
+            raise AttributeError("Odd's own training")
+
+    odd = Odd([Dense(2)], input_shape=(3,))
     with pytest.raises(AttributeError, match="broken's own message"):
-        Odd([Dense(2)], input_shape=(3,)).broken  # noqa: B018
+        odd.broken  # noqa: B018
+    assert len(runs) == 1
+    with pytest.raises(AttributeError, match="Odd's own training"):
+        odd.training  # noqa: B018
 
 
 def test_lookups_before_init_and_copies_do_not_recurse() -> None:

@@ -1310,7 +1310,7 @@ class ReduceLROnPlateau(_Monitor):
                 "factor=..., patience=...)]), which changes the compiled optimiser's rate; "
                 "PyTorch's patience=p is patience=p + 1 here (PyTorch reduces after p + 1 "
                 "epochs without improvement)")
-        if any(k.__module__ == "xpcnn.optim" or k.__module__.startswith("torch.optim")
+        if any(k.__module__ == "xpcnn.optim" or str(k.__module__).startswith("torch.optim")
                for k in type(monitor).__mro__):  # (xpcnn's optimiser or torch's)
             raise InputError(f"ReduceLROnPlateau was given an optimizer ({type(monitor).__name__})"
                              " first, PyTorch's order, ReduceLROnPlateau(optimizer, mode): "

@@ -748,20 +748,6 @@ class Model(Trainer):
                          "predict(x) for host batches; layer_outputs(x) gives every layer's "
                          "output")
 
-    def __getattr__(self, name: str) -> Any:
-        # (Python calls it only where the usual lookup failed, so other attributes cost nothing;
-        # it reads nothing of the instance, so a lookup before __init__ ran cannot recurse)
-        advice = TORCH_MODULE_NAMES.get(name)
-        if advice is not None:
-            call = "" if name == "training" else "()"
-            raise ForeignNameError(f"{type(self).__name__} has no {name}{call}, PyTorch's "
-                                 f"nn.Module {'attribute' if not call else 'method'}: {advice}")
-        if any(name in vars(klass) for klass in type(self).__mro__):
-            # (a property that raised an AttributeError: its own error again, as before)
-            return object.__getattribute__(self, name)
-        raise AttributeError(f"{type(self).__name__!r} object has no attribute {name!r}",
-                             name=name, obj=self)
-
     def layer_outputs(self, x: Any, training: bool | None = False) -> list[Any]:
         """Every layer's output for a host batch, as device arrays (for inspection; the
         model's own output is ``model(x)`` or ``predict``). ``training=True`` shows training
@@ -1194,6 +1180,30 @@ class Model(Trainer):
                                 "is declared: it is built as the first layer is added)"))
         raise InputError(f"the model must be built before {what}: call build(input_shape) "
                          "or fit/predict on data first")
+
+
+class _ForeignName:
+    """A name of PyTorch's ``nn.Module`` on a model's class (``model.train()``): reading it
+    from a model raises a :class:`ForeignNameError` naming xpcnn's counterpart (hasattr is
+    False). Not a ``__getattr__``: a class with one reads every attribute slower, and a
+    property's own AttributeError ran it twice. A non-data descriptor, so an instance's
+    attribute or a subclass's method of that name wins."""
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+
+    def __get__(self, model: Any, owner: type | None = None) -> Any:
+        if model is None:  # (the class's: inspection sees the descriptor)
+            return self
+        call = "" if self.name == "training" else "()"
+        raise ForeignNameError(f"{type(model).__name__} has no {self.name}{call}, PyTorch's "
+                               f"nn.Module {'attribute' if not call else 'method'}: "
+                               f"{TORCH_MODULE_NAMES[self.name]}")
+
+
+for _name in TORCH_MODULE_NAMES:
+    setattr(Model, _name, _ForeignName(_name))
+del _name
 
 
 @register_model

@@ -1335,8 +1335,8 @@ def get_optimizer(optimizer: str | Optimizer) -> Optimizer:
         return optimizer
     if isinstance(optimizer, str) and optimizer.lower() in OPTIMIZERS:
         return OPTIMIZERS[optimizer.lower()]()
-    torch = next((k for k in type(optimizer).__mro__ if k.__module__.startswith("torch.optim")),
-                 None)
+    torch = next((k for k in type(optimizer).__mro__
+                  if str(k.__module__).startswith("torch.optim")), None)
     if torch is not None:  # (was: "unknown optimizer" around torch's repr, many lines long)
         name = type(optimizer).__name__
         ours = OPTIMIZERS.get(name.lower())
