@@ -341,7 +341,7 @@ def test_compiling_again_with_the_optimizer_it_holds_keeps_the_loss_scale():
 _OVERFLOWED = (
     "xpcnn: evaluate's loss is nan under precision 'mixed_float16': where the data and weights "
     "are finite, float16 outputs beyond float16's largest value, 65504, overflowed somewhere in "
-    "the model, in the logits or any layer before them (predict gives NaN rows there; fit's "
+    "the model, in the logits or any layer before them (predict warns of its NaN rows; fit's "
     "error names the layer); compile with precision='mixed_bfloat16' (float32's range) or "
     "'float32'")
 
@@ -368,6 +368,11 @@ def test_evaluate_warns_once_where_float16_logits_overflow(precision):
         return
     assert np.isnan(loss) and len(said) == 2
     assert said == [_OVERFLOWED] * 2
+    with pytest.warns(RuntimeWarning, match=r"^xpcnn: predict's outputs hold NaN or infinity in "
+                                            r"16 of 16 rows \(the first, row 0\) under "
+                                            r"precision 'mixed_float16': float16 outputs beyond"):
+        out = model.predict(x, verbose=0)  # (was: non-finite rows, silently)
+    assert not np.isfinite(out).all(axis=1).any()
     model.set_weights([w, b])  # (in range: no word)
     with warnings.catch_warnings():
         warnings.simplefilter("error")

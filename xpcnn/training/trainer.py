@@ -1236,7 +1236,7 @@ class Trainer(TrainingStep):
                 warn(f"evaluate's loss is {logs['loss']} under precision 'mixed_float16': "
                      "where the data and weights are finite, float16 outputs beyond float16's "
                      "largest value, 65504, overflowed somewhere in the model, in the logits or "
-                     "any layer before them (predict gives NaN rows there; fit's error names "
+                     "any layer before them (predict warns of its NaN rows; fit's error names "
                      "the layer); compile with precision='mixed_bfloat16' (float32's range) or "
                      "'float32'")
             return self._returned(logs, return_dict)
@@ -1396,6 +1396,15 @@ class Trainer(TrainingStep):
                         outputs = self.backend.to_numpy(out[0] if len(out) == 1 else
                                                         xp.concat(out))
         cbs.on_predict_end()
+        if self.precision == "mixed_float16" and not np.isfinite(outputs).all():
+            # (data checked finite before the pass: a float16 overflow inside, which gave NaN
+            # rows silently; read on the host copy, which predict makes anyway)
+            bad = np.flatnonzero(~np.isfinite(outputs.reshape(len(outputs), -1)).all(axis=1))
+            warn(f"predict's outputs hold NaN or infinity in {len(bad)} of {len(outputs)} "
+                 f"rows (the first, row {bad[0]}) under precision 'mixed_float16': float16 "
+                 "outputs beyond its largest value, 65504, overflowed somewhere in the model "
+                 "(fit's error names the layer); compile with precision='mixed_bfloat16' "
+                 "(float32's range) or 'float32'")
         return outputs
 
     def _outputs(self, xb: Any) -> Any:
