@@ -333,6 +333,8 @@ def test_a_model_that_predict_refuses_is_not_exported(tmp_path):
         model.predict(x, verbose=0)
     with pytest.raises(InputError, match=re.escape(str(refused.value))):
         model.export(tmp_path / "m.onnx")
+    with pytest.raises(InputError, match="has no layers yet: add"):  # (was an IndexError
+        xpcnn.Sequential().export(tmp_path / "m.onnx")  # from the check above)
     assert not os.listdir(tmp_path)
 
 

@@ -1080,9 +1080,10 @@ class Model(Trainer):
         optimiser and compile settings), as this model runs them: :meth:`load_weights` reads
         them back, checking the architecture the file also holds (and
         :func:`~xpcnn.saving.load_model` rebuilds the model from it, uncompiled). A name
-        ending in Keras' ``.keras``, ``.h5`` or ``.hdf5`` is refused (Keras would not read the
-        file). Keras' ``overwrite=True`` and ``max_shard_size=None`` are taken (a file at
-        ``path`` is replaced, atomically; one file); other values are refused."""
+        ending in Keras' ``.keras``, ``.h5`` or ``.hdf5``, or PyTorch's ``.pt`` or ``.pth``, is
+        refused (they would not read the file). Keras' ``overwrite=True`` and
+        ``max_shard_size=None`` are taken (a file at ``path`` is replaced, atomically; one
+        file); other values are refused."""
         check_save_keywords("save_weights", path, overwrite, max_shard_size=max_shard_size)
         self._rebuild_if_shared()
         save_model(self, path, weights_only=True)
@@ -1125,7 +1126,8 @@ class Model(Trainer):
              zipped: bool | None = None) -> None:
         """Write architecture and weights to ``path`` (an .npz that loads without pickle), the
         weights as this model runs them (see :meth:`get_weights`). A name ending in Keras'
-        ``.keras``, ``.h5`` or ``.hdf5`` is refused (Keras would not read the file). Keras'
+        ``.keras``, ``.h5`` or ``.hdf5``, or PyTorch's ``.pt`` or ``.pth``, is refused (they
+        would not read the file). Keras'
         ``overwrite=True`` and ``zipped=None`` (or True) are taken (a file at ``path`` is
         replaced, atomically; the .npz is a zip archive); other values are refused."""
         check_save_keywords("save", path, overwrite, zipped)
@@ -1146,8 +1148,8 @@ class Model(Trainer):
         if input_dtype == "onnx":  # (Keras' order: export(path, "onnx"))
             input_dtype = "float32"
         _check_export_keywords(format, input_signature, kwargs, OPSET)
+        self._require_built("export")
         if self._fused_softmax():  # (predict refuses such a model: the file would not)
-            self._require_built("export")
             check_classifier(self.layers, [la.output_shape for la in self.layers])
 
         def write() -> None:
