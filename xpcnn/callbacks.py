@@ -341,14 +341,22 @@ class CallbackList:
         return handler is not None
 
 
+def given_file(cb: Callback) -> str | None:
+    """The path that ``cb`` writes in fit, as given (a BackupAndRestore's, or
+    ``fit(checkpoint=...)``'s, a ModelCheckpoint's template, a CSVLogger's); None for a
+    callback that writes none."""
+    return cb.path if isinstance(cb, BackupAndRestore) else \
+        cb.filepath if isinstance(cb, ModelCheckpoint) else \
+        cb.filename if isinstance(cb, CSVLogger) else None
+
+
 def _own_file(cb: Callback) -> str | tuple[str, str] | None:
     """The file ``cb`` writes in fit, as :func:`~xpcnn.files.written_file` names it (links
     followed), or for a ModelCheckpoint path with fields, its folder so named and its file
     name as given (two alike write the same files); None where ``cb`` writes no file that a
     write replaces (none at all, a device such as /dev/null, a pipe), or its path is one that
     its own ``on_train_begin`` refuses, naming it (a template that does not parse, a loop)."""
-    path = cb.path if isinstance(cb, BackupAndRestore) else \
-        cb.filename if isinstance(cb, CSVLogger) else None  # (their braces are text)
+    path = given_file(cb)  # (braces are text but in a ModelCheckpoint's)
     try:
         if isinstance(cb, ModelCheckpoint):
             parts = list(string.Formatter().parse(cb.filepath))
@@ -1315,13 +1323,12 @@ class ReduceLROnPlateau(_Monitor):
             raise InputError(f"ReduceLROnPlateau was given an optimizer ({type(monitor).__name__})"
                              " first, PyTorch's order, ReduceLROnPlateau(optimizer, mode): "
                              f"xpcnn's takes no optimizer, it is {port}")
-        for key in torch_keywords:
-            if key not in _TORCH_PLATEAU:
-                raise TypeError(f"ReduceLROnPlateau.__init__() got an unexpected keyword "
-                                f"argument {key!r}")
-            raise InputError(f"ReduceLROnPlateau({key}={torch_keywords[key]!r}): "
-                                      f"PyTorch's keyword, which xpcnn's does not take: "
-                                      f"{_TORCH_PLATEAU[key]}. xpcnn's is {port}")
+        checks.take_foreign_keywords("ReduceLROnPlateau", torch_keywords, {
+            key: ((), f"{instead}. xpcnn's is {port}") for key, instead in _TORCH_PLATEAU.items()},
+            "PyTorch's")
+        for key in torch_keywords:  # (none of PyTorch's: Python's own error)
+            raise TypeError(f"ReduceLROnPlateau.__init__() got an unexpected keyword argument "
+                            f"{key!r}")
         super().__init__(monitor, mode, min_delta)
         self.factor = checks.number(factor, "ReduceLROnPlateau factor", 0.0, 1.0, low_open=True,
                                     high_open=True)

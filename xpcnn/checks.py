@@ -10,6 +10,7 @@ import inspect
 import math
 import numbers
 import os
+import reprlib
 from collections.abc import Callable, Collection, Iterator, Mapping
 from typing import Any, NamedTuple
 
@@ -117,6 +118,23 @@ def is_one_of(value: Any, accepted: tuple[Any, ...]) -> bool:
     (Keras' defaults for layers, PyTorch's for optimisers)."""
     value = tuple(value) if isinstance(value, list) else value
     return any(type(value) is type(a) and value == a for a in accepted)
+
+
+def take_foreign_keywords(call: str, kwargs: dict[str, Any],
+                          table: Mapping[str, tuple[tuple[Any, ...], str]], whose: str,
+                          what: str = "") -> None:
+    """Take out of ``kwargs`` another library's keywords (``whose``: "PyTorch's") that
+    ``call`` does not take: one given that library's default (``table[key][0]``), which is
+    xpcnn's behaviour, is dropped; another value is refused naming xpcnn's way
+    (``table[key][1]``), where it was a bare TypeError. Keys not in ``table`` are left for
+    Python's own TypeError."""
+    for key in [k for k in kwargs if k in table]:
+        defaults, instead = table[key]
+        if is_one_of(kwargs[key], defaults):
+            del kwargs[key]
+            continue
+        raise InputError(f"{call}({key}={reprlib.repr(kwargs[key])}): {whose} keyword, which "
+                         f"xpcnn's{' ' + what if what else ''} does not take: {instead}")
 
 
 def looks_channels_first(sample: tuple[int, ...]) -> bool:

@@ -22,6 +22,7 @@ from .checks import (
     real_floating,
     register,
     registered,
+    take_foreign_keywords,
     takes_keywords,
     unsaved_settings,
     untaken_settings,
@@ -138,14 +139,8 @@ def _refusing_torch_keywords(init: Callable[..., None]) -> Callable[..., None]:
     unchanged (the settings files keep)."""
     @functools.wraps(init)
     def wrapper(self: Any, *args: Any, **kwargs: Any) -> None:
-        for key in [k for k in kwargs if k in _TORCH_KEYWORDS]:
-            defaults, instead = _TORCH_KEYWORDS[key]
-            if is_one_of(kwargs[key], defaults):
-                del kwargs[key]  # (PyTorch's default: xpcnn's behaviour, said out loud)
-                continue
-            raise InputError(
-                f"{type(self).__name__}({key}=...): PyTorch's keyword (CrossEntropyLoss'), "
-                f"which xpcnn's loss does not take: {instead}")
+        take_foreign_keywords(type(self).__name__, kwargs, _TORCH_KEYWORDS,
+                              "PyTorch's", "loss")
         init(self, *args, **kwargs)
 
     return wrapper

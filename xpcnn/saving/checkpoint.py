@@ -55,7 +55,6 @@ from ..errors import DataFormatError, InputError, NonFiniteError, TrainingInterr
 from ..files import written_file
 from ..history import EpochRecord
 from ..layers.base import RandomLayer, setting_names
-from ..totals import SCALE_RANGE
 from .model_file import (
     CHECKPOINT_FORMAT,
     CHECKPOINT_VERSIONS,
@@ -66,6 +65,7 @@ from .model_file import (
     check_layers,
     compile_settings,
     config_entry,
+    loss_scale_problem,
     model_config,
     model_from_file,
     normal,
@@ -616,11 +616,9 @@ def _read_slots(model: Any, config: dict[str, Any], ostate: dict[str, Any], npz:
 def _loss_scale(model: Any, config: dict[str, Any], path: str) -> tuple[float, int]:
     """The float16 loss scale of a checkpoint's config and its count of good steps, checked."""
     loss_scale = config.get("loss_scale")
-    if (isinstance(loss_scale, bool) or not isinstance(loss_scale, int | float)
-            or not SCALE_RANGE[0] <= loss_scale <= SCALE_RANGE[1]):
-        raise _invalid(path, f"loss_scale {loss_scale!r}, expected a number from "
-                             f"{SCALE_RANGE[0]:.4g} to {SCALE_RANGE[1]:.4g} (it is held in "
-                             "float32: beyond, it would become infinity or 0)")
+    problem = loss_scale_problem(loss_scale)
+    if problem:
+        raise _invalid(path, f"loss_scale {loss_scale!r}, {problem}")
     if model.precision != "mixed_float16" and loss_scale != 1:  # (checked before any restore)
         raise _invalid(path, f"loss_scale {loss_scale!r} in a checkpoint of a model without "
                              "float16 loss scaling (its precision is not mixed_float16): "

@@ -509,18 +509,26 @@ def model_from_file(config: Any, npz: NpzArchive, device: DeviceLike = "cpu",
     return model
 
 
+def loss_scale_problem(scale: Any) -> str:
+    """Why ``scale`` is no float16 loss scale a file (a model file's, a checkpoint's) may
+    hold; "" where it is one."""
+    if isinstance(scale, bool) or not isinstance(scale, int | float) or not (
+            SCALE_RANGE[0] <= scale <= SCALE_RANGE[1]):
+        return (f"expected a number from {SCALE_RANGE[0]:.4g} to {SCALE_RANGE[1]:.4g} (it is "
+                "held in float32: beyond, it would become infinity or 0)")
+    return ""
+
+
 def _loss_scale(compiled: dict[str, Any], precision: str, path: str) -> tuple[float, int]:
     """The float16 loss scale of a file's compile settings and its count of good steps,
     checked; a fresh scale's where the file has none (written where it is not, and before
     files kept it)."""
     fresh = INITIAL_SCALE if precision == "mixed_float16" else 1.0
     scale, good = compiled.get("loss_scale", fresh), compiled.get("good_steps", 0)
-    if isinstance(scale, bool) or not isinstance(scale, int | float) or not (
-            SCALE_RANGE[0] <= scale <= SCALE_RANGE[1]):
+    problem = loss_scale_problem(scale)
+    if problem:
         raise DataFormatError(f"{path}: invalid model configuration: compile loss_scale is "
-                              f"{scale!r}, expected a number from {SCALE_RANGE[0]:.4g} to "
-                              f"{SCALE_RANGE[1]:.4g} (it is held in float32: beyond, it would "
-                              "become infinity or 0)")
+                              f"{scale!r}, {problem}")
     if type(good) is not int or good < 0:
         raise DataFormatError(f"{path}: invalid model configuration: compile good_steps is "
                               f"{good!r}, expected a whole number >= 0")

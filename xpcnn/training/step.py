@@ -757,19 +757,16 @@ class TrainingStep(_Network):
         else:
             x = xp.astype(xb, self._param_dtype, copy=False)
             with self._put_back(), compute_scope(self.backend):
-                outputs = self._layer_outputs(x, False)
-                layer, out = next(((la, out) for la, out in zip(self.layers, outputs,
-                                                                strict=True)
-                                   if not finite(out)), (None, None))
-                mode = ""
-                if layer is None:  # (a layer's training-mode work alone: batch statistics,
-                    # a user's training-only scaling; the step ran in that mode, on this batch)
-                    outputs = self._layer_outputs(x, True)
-                    layer, out = next(((la, out) for la, out in zip(self.layers, outputs,
-                                                                    strict=True)
-                                       if not finite(out)), (None, None))
-                    mode = " in training mode"
+                # (inference first; then training mode, for a layer's training-mode work alone:
+                # batch statistics, a user's training-only scaling; the step ran in that mode)
+                for training in (False, True):
+                    layer, out = next(((la, out) for la, out in zip(
+                        self.layers, self._layer_outputs(x, training), strict=True)
+                        if not finite(out)), (None, None))
+                    if layer is not None:
+                        break
             if layer is not None:
+                mode = " in training mode" if training else ""
                 where = f"the output of layer {layer.name!r}{mode}"
                 # (from finite inputs and weights: an overflow, most likely, which no loss
                 # scale prevents in the forward pass; array_api_strict has no xp.float16)

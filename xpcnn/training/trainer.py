@@ -40,10 +40,10 @@ from ..callbacks import (
     CallbackList,
     CSVLogger,
     History,
-    ModelCheckpoint,
     ProgbarLogger,
     callback_list,
     check_own_files,
+    given_file,
     stateful,
     validates,
 )
@@ -180,11 +180,8 @@ def _may_stop_evaluating(callbacks: list[Callback]) -> bool:
 
 
 def _written_files(callbacks: list[Callback]) -> list[str]:
-    """The files that fit's ``callbacks`` write, as given: a BackupAndRestore's (or
-    ``fit(checkpoint=...)``'s) path, a ModelCheckpoint's filepath, a CSVLogger's filename."""
-    return [os.fspath(cb.path if isinstance(cb, BackupAndRestore) else
-                      cb.filepath if isinstance(cb, ModelCheckpoint) else cb.filename)
-            for cb in callbacks if isinstance(cb, BackupAndRestore | ModelCheckpoint | CSVLogger)]
+    """The files that fit's ``callbacks`` write, as given (:func:`given_file`)."""
+    return [os.fspath(path) for cb in callbacks if (path := given_file(cb)) is not None]
 
 
 def _progress_bar(callbacks: list[Callback], verbose: int, call: str) -> ProgbarLogger | None:
